@@ -15,7 +15,7 @@ from flax import nnx
 
 from hybriddiff import hyperschedules as hs
 from hybriddiff.model import DiT, DiTConfig
-from hybriddiff.sampling.cached import generate_blocks, generate_cached
+from hybriddiff.sampling.cached import generate_blocks, generate_cached, window_plan
 from hybriddiff.sampling.categorical import CategoricalConfig
 from hybriddiff.sampling.generate import MDLMReverse, UnmaskReverse, generate, prompt_state
 from hybriddiff.sampling.steps import level_noise
@@ -73,21 +73,25 @@ def _noise(levels: np.ndarray, num_levels: int):
 
 
 def _window_reference(model: DiT, key: jax.Array, schedule: hs.Hyperschedule, tokens: jax.Array,
-                      fixed: jax.Array, shifted: bool, fill: str) -> np.ndarray:
-    """Loop over transitions: full forward over settled prefix + window with the inference mask."""
+                      fixed: jax.Array, shifted: bool, fill: str, prefix: int = 0) -> np.ndarray:
+    """Loop over transitions: full forward over settled prefix + window with the inference mask;
+    the first ``prefix`` positions count as settled from the start (a prefilled prompt), attending
+    among themselves as the unprompted appends would."""
     x = np.array(tokens)
     fixed = np.array(fixed)
     batch, length = x.shape
     tau, levels = schedule.tau, schedule.num_levels
     parts = [schedule.partition(t) for t in range(schedule.num_steps)]
-    starts = [max(p.settled, 1) if shifted else p.settled for p in parts]
+    natural = [max(p.settled, 1) if shifted else p.settled for p in parts]
+    starts = [max(s, prefix) for s in natural]
     width = max(1, max(p.worthless_start - s for p, s in zip(parts, starts)))
     group = np.full(length, 10 ** 6)
     cached = 0
-    for t, (part, s) in enumerate(zip(parts, starts)):
-        w = part.worthless_start
+    for t, s in enumerate(natural):
         group[cached:s] = t
         cached = max(cached, s)
+    for t, (part, s) in enumerate(zip(parts, starts)):
+        w = part.worthless_start
         if w <= s or not np.any(tau[t, s:w] != tau[t + 1, s:w]):
             continue
         cells = list(range(s - 1 if shifted else s, w))
@@ -124,27 +128,52 @@ def _window_reference(model: DiT, key: jax.Array, schedule: hs.Hyperschedule, to
     return x
 
 
+@pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("schedule,shifted,fill", [
     (hs.block(8, 2, 2), False, "block"),
     (hs.slide(8, 3, 3), True, "causal"),
     (hs.slide(8, 3, 3, 5), False, "causal"),  # quick draft: several tokens settle per step
 ])
 def test_cached_equals_uncached_reference(model: DiT, schedule: hs.Hyperschedule,
-                                          shifted: bool, fill: str) -> None:
+                                          shifted: bool, fill: str, prefill: bool) -> None:
     key = jax.random.key(1)
+    prompt = 2
     tokens, fixed = prompt_state(jnp.array([[3, 4], [5, 6]]), schedule.length, MASK)
     result = generate_cached(model, key, schedule, SCHEDULE, STEP, tokens=tokens, fixed=fixed,
-                             shifted=shifted, fill=fill, cache_dtype=jnp.float32)
-    expected = _window_reference(model, key, schedule, tokens, fixed, shifted, fill)
+                             shifted=shifted, fill=fill, cache_dtype=jnp.float32,
+                             prefill=prefill, return_trajectory=True)
+    prefix = prompt if prefill else 0
+    expected = _window_reference(model, key, schedule, tokens, fixed, shifted, fill, prefix)
     np.testing.assert_array_equal(np.array(result.tokens), expected)
     assert not np.any(np.array(result.tokens) == MASK)
     np.testing.assert_array_equal(np.array(result.tokens)[:, :2], [[3, 4], [5, 6]])
-    settled = [max(schedule.partition(t).settled, int(shifted)) for t in range(schedule.num_steps)]
-    assert result.cache_calls == len(set(settled) - {0})
-    changing = [np.any(schedule.tau[t] != schedule.tau[t + 1]) for t in range(schedule.num_steps)]
-    if not shifted:  # ALIGNED: every transition with a level change is one window call
-        assert result.nfe == sum(changing) == schedule.num_steps
+    settled = [max(schedule.partition(t).settled, int(shifted), prefix)
+               for t in range(schedule.num_steps)]
+    assert result.cache_calls == len(set(settled) - {0, prefix}) + int(prefix > 0)
+    windows = [(s, schedule.partition(t).worthless_start) for t, s in enumerate(settled)]
+    changing = [np.any(schedule.tau[t, s:w] != schedule.tau[t + 1, s:w])
+                for t, (s, w) in enumerate(windows)]
+    assert result.nfe == sum(changing)
+    if not (shifted or prefill):  # ALIGNED: every transition changes a level in its window
+        assert result.nfe == schedule.num_steps
     assert result.seconds > 0
+    trajectory = np.array(result.trajectory)
+    assert trajectory.shape == (schedule.num_steps + 1, 2, schedule.length)
+    np.testing.assert_array_equal(trajectory[0], np.array(tokens))
+    np.testing.assert_array_equal(trajectory[-1], np.array(result.tokens))
+
+
+def test_prefill_on_a_window_boundary_changes_nothing_but_the_calls(model: DiT) -> None:
+    """A prompt of whole blocks: one prefill call replaces the appends and window calls inside
+    the prompt, and the tokens are those of the step-by-step driver."""
+    schedule = hs.block(8, 2, 2)
+    key = jax.random.key(4)
+    tokens, fixed = prompt_state(jnp.array([[3, 4, 7, 1], [5, 6, 2, 2]]), 8, MASK)
+    runs = [generate_cached(model, key, schedule, SCHEDULE, STEP, tokens=tokens, fixed=fixed,
+                            cache_dtype=jnp.float32, prefill=prefill) for prefill in (False, True)]
+    np.testing.assert_array_equal(np.array(runs[0].tokens), np.array(runs[1].tokens))
+    assert (runs[0].nfe, runs[1].nfe) == (8, 4)  # the 4 steps of the two prompt blocks are skipped
+    assert (runs[0].cache_calls, runs[1].cache_calls) == (3, 2)
 
 
 def test_library_uncached_path_matches_cache(model: DiT) -> None:
@@ -184,16 +213,20 @@ def test_flat_generate_matches_loop_and_keeps_fixed(model: DiT) -> None:
     key = jax.random.key(5)
     tokens = jnp.full((2, 8), MASK).at[:, 0].set(jnp.array([1, 2])).at[:, 5].set(7)
     fixed = jnp.zeros((2, 8), bool).at[:, 0].set(True).at[:, 5].set(True)
-    result = generate(model, key, schedule, SCHEDULE, STEP, tokens=tokens, fixed=fixed)
+    result = generate(model, key, schedule, SCHEDULE, STEP, tokens=tokens, fixed=fixed,
+                      return_trajectory=True)
     x = np.array(tokens)
     fixed_np = np.array(fixed)
+    states = [x]
     for t in range(schedule.num_steps):
         now_levels = np.where(fixed_np, 0, schedule.tau[t])
         next_levels = np.where(fixed_np, 0, schedule.tau[t + 1])
         now, nxt = _noise(now_levels, 4), _noise(next_levels, 4)
         out = _forward(model, x, np.arange(8), np.array(now.sigma_bar), np.ones((8, 8), bool))
         x = np.array(STEP_JIT(jax.random.fold_in(key, t), jnp.asarray(x), out, now, nxt))
+        states.append(x)
     np.testing.assert_array_equal(np.array(result.tokens), x)
+    np.testing.assert_array_equal(np.array(result.trajectory), np.stack(states))
     assert result.nfe == 4
     assert np.all(np.array(result.tokens)[:, [0, 5]] == [[1, 7], [2, 7]])
     assert not np.any(np.array(result.tokens) == MASK)
@@ -271,6 +304,8 @@ def test_errors(model: DiT) -> None:
         generate(model, jax.random.key(0), hs.flat(6, 2), SCHEDULE, STEP, batch_size=0)
     with pytest.raises(ValueError, match="model must be an nnx.Module"):
         generate(object(), jax.random.key(0), hs.flat(6, 2), SCHEDULE, STEP, batch_size=1)
+    with pytest.raises(ValueError, match=r"prefix must be an integer in \[0, 6\], got prefix=7"):
+        window_plan(hs.quench(6), False, 7)
     with pytest.raises(ValueError, match="prompt length 7 exceeds length=6"):
         prompt_state(jnp.zeros((1, 7), jnp.int32), 6, MASK)
     with pytest.raises(ValueError, match="max_length must exceed the prompt length 3"):

@@ -22,7 +22,15 @@ appends newly settled tokens token-causally (SHIFTED, and ALIGNED slides), ``"bl
 tokens that settle at the same step with full attention among them (ALIGNED blocks: the block-causal
 M_BC of seed 001 App. D). The default is ``"causal"`` for SHIFTED and ``"block"`` for ALIGNED (for
 a slide with ρ = 1 one token settles per step and the two coincide). Appending is one network call
-(``cache_calls``) per step in which the settled prefix grows. A transition whose window levels do
+(``cache_calls``) per step in which the settled prefix grows.
+
+Prompts (``prefill``, on by default): the leading positions that are fixed in every row (a prompt of
+``P`` tokens, or the BOS of SHIFTED) are written into the cache by one network call before the
+loop, with the attention the step-by-step appends would have used among them (causal, or
+block-causal by the step at which the unprompted hyperschedule settles each position); the loop
+then starts with ``s >= P`` and spends no call on windows inside the prompt. When the prompt ends on
+a window boundary of the hyperschedule this is the same computation as without prefill; inside a
+window, the prompt tokens are read from the cache instead of being re-fed with the window. A transition whose window levels do
 not change skips the network (e.g. quench step 0 in SHIFTED, where position 0 is fixed).
 
 With ``use_cache=False`` the same loop runs without a cache: every call is a full forward over the
@@ -54,8 +62,8 @@ from hybriddiff.hyperschedules import Hyperschedule, flat
 from hybriddiff.masks import block_causal_mask
 from hybriddiff.model.cache import KVCache, init_cache
 from hybriddiff.sampling.generate import (GenerationResult, ReverseStep, check_model, check_state,
-                                          masked_noise, merge_for_inference,
-                                          network_sigma)
+                                          masked_noise, merge_for_inference, network_sigma,
+                                          with_start)
 from hybriddiff.sampling.steps import level_noise
 from hybriddiff.sampling.unmasking import prediction_entropy
 from hybriddiff.schedules import NoiseSchedule
@@ -69,10 +77,12 @@ Fill = Literal["causal", "block"]
 class WindowPlan(NamedTuple):
     """Static per-transition layout of the window driver (numpy, from the hyperschedule).
 
-    settled: [T] effective settled prefix ``s`` (``max(s, 1)`` in SHIFTED); worthless: [T] ``w``;
-    previous: [T] settled prefix already cached before step t; call: [T] bool, the window has a
-    level change; append: [T] bool, the cache grows; group: [d] the step at which a position is
-    appended (``T`` if never); width: static W; append_width: static number of append cells.
+    settled: [T] effective settled prefix ``s`` (``max(s, 1)`` in SHIFTED, ``max(s, P)`` with a
+    prefilled prompt of ``P`` tokens); worthless: [T] ``w``; previous: [T] settled prefix already
+    cached before step t; call: [T] bool, the window has a level change; append: [T] bool, the
+    cache grows; group: [d] the step at which the unprompted hyperschedule appends a position
+    (``T`` if never; it fixes which settled tokens attend to which); width: static W;
+    append_width: static number of append cells; prefix: static P.
     """
 
     settled: np.ndarray
@@ -83,26 +93,41 @@ class WindowPlan(NamedTuple):
     group: np.ndarray
     width: int
     append_width: int
+    prefix: int
 
 
-def window_plan(hyperschedule: Hyperschedule, shifted: bool) -> WindowPlan:
-    """The :class:`WindowPlan` of ``hyperschedule`` for ALIGNED (``shifted=False``) or SHIFTED."""
+def _append_groups(settled: np.ndarray, length: int) -> np.ndarray:
+    """[d] the step at which a settled prefix growing as ``settled [T]`` appends each position."""
+    group = np.full(length, len(settled), np.int64)
+    previous = np.concatenate([[0], settled[:-1]])
+    for t in np.flatnonzero(settled > previous)[::-1]:
+        group[previous[t]:settled[t]] = t
+    return group
+
+
+def window_plan(hyperschedule: Hyperschedule, shifted: bool, prefix: int = 0) -> WindowPlan:
+    """The :class:`WindowPlan` of ``hyperschedule`` for ALIGNED (``shifted=False``) or SHIFTED,
+    with the first ``prefix`` positions prefilled into the cache before the loop."""
+    if isinstance(prefix, bool) or not isinstance(prefix, (int, np.integer)) or not (
+            0 <= prefix <= hyperschedule.length):
+        raise ValueError(f"prefix must be an integer in [0, {hyperschedule.length}], got "
+                         f"prefix={prefix!r}")
     tau = hyperschedule.tau
-    settled = hyperschedule.settled_per_step.astype(np.int64)
+    natural = hyperschedule.settled_per_step.astype(np.int64)
     if shifted:
-        settled = np.maximum(settled, 1)
+        natural = np.maximum(natural, 1)
+    settled = np.maximum(natural, prefix)
     worthless = hyperschedule.worthless_start_per_step.astype(np.int64)
     index = np.arange(hyperschedule.length)
     in_window = (index[None, :] >= settled[:, None]) & (index[None, :] < worthless[:, None])
     call = np.any(in_window & (tau[:-1] != tau[1:]), axis=1)
-    previous = np.concatenate([[0], settled[:-1]])
+    previous = np.concatenate([[prefix], settled[:-1]])
     append = settled > previous
-    group = np.full(hyperschedule.length, hyperschedule.num_steps, np.int64)
-    for t in np.flatnonzero(append)[::-1]:
-        group[previous[t]:settled[t]] = t
     width = int(max(1, (worthless - settled).max()))
     append_width = int(max(1, (settled - previous).max()))
-    return WindowPlan(settled, worthless, previous, call, append, group, width, append_width)
+    return WindowPlan(settled, worthless, previous, call, append,
+                      _append_groups(natural, hyperschedule.length), width, append_width,
+                      int(prefix))
 
 
 def _append_mask(valid: Array, fill: Fill) -> Array:
@@ -113,15 +138,26 @@ def _append_mask(valid: Array, fill: Fill) -> Array:
     return pairs
 
 
+def _settled_mask(group: Array, fill: Fill) -> Array:
+    """[n, n] attention among settled positions with append steps ``group [n]``: causal, or
+    block-causal by append step (what appending them step by step gives)."""
+    if fill == "causal":
+        return jnp.tril(jnp.ones((group.shape[0],) * 2, bool))
+    return group[None, :] <= group[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "hyperschedule", "schedule", "step",
-                                             "shifted", "fill", "use_cache", "cache_dtype"))
+                                             "shifted", "fill", "use_cache", "cache_dtype",
+                                             "prefix", "return_trajectory"))
 def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: Array,
                         fixed: Array, *, hyperschedule: Hyperschedule, schedule: NoiseSchedule,
                         step: ReverseStep, shifted: bool, fill: Fill, use_cache: bool,
-                        cache_dtype: Any) -> Array:
-    """The jitted scan of :func:`generate_cached` over ``nnx.split(model)``; tokens [B, d]."""
+                        cache_dtype: Any, prefix: int = 0, return_trajectory: bool = False
+                        ) -> tuple[Array, Array | None]:
+    """The jitted scan of :func:`generate_cached` over ``nnx.split(model)``: tokens [B, d] and,
+    with ``return_trajectory``, the states [T + 1, B, d] (else None)."""
     config = nnx.merge(graphdef, state).config
-    plan = window_plan(hyperschedule, shifted)
+    plan = window_plan(hyperschedule, shifted, prefix)
     batch, length = tokens.shape
     width, append_width = plan.width, plan.append_width
     cells = width + int(shifted)
@@ -133,6 +169,13 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
     group = jnp.asarray(np.concatenate([plan.group, np.full(pad, hyperschedule.num_steps)]))
     slots = jnp.arange(length)
     cache = init_cache(config, batch, length + append_width, cache_dtype) if use_cache else None
+    if use_cache and prefix:
+        model = merge_for_inference(graphdef, state)
+        sigma = jnp.zeros((batch, prefix)) if config.needs_sigma_bar else None
+        _, cache = model.forward_cached(tokens[:, :prefix], jnp.arange(prefix), sigma, cache,
+                                        window_mask=_settled_mask(group[:prefix], fill),
+                                        update_cache=True)
+        cache = dataclasses.replace(cache, length=jnp.asarray(prefix, jnp.int32))
 
     def append(carry: tuple[Array, KVCache], t_inputs: tuple[Array, ...]) -> tuple[Array, KVCache]:
         x, cache = carry
@@ -166,11 +209,7 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
                                              window_mask=window_mask, update_cache=False)
         else:
             seen = slots < settled
-            if fill == "causal":
-                related = slots[None, :] <= slots[:, None]
-            else:
-                related = group[None, :length] <= group[:length, None]
-            clean = related & seen[None, :] & seen[:, None]  # [d, d]
+            clean = _settled_mask(group[:length], fill) & seen[None, :] & seen[:, None]  # [d, d]
             top = jnp.concatenate([clean, jnp.zeros((length, cells), bool)], 1)
             bottom = jnp.concatenate([jnp.broadcast_to(seen, (cells, length)), window_mask], 1)
             full_sigma = None if sigma is None else jnp.concatenate(
@@ -193,26 +232,27 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
         return jax.lax.dynamic_update_slice_in_dim(x, x_next, settled, axis=1), cache
 
     def body(carry: tuple[Array, KVCache | None], t_inputs: tuple[Array, ...]
-             ) -> tuple[tuple[Array, KVCache | None], None]:
+             ) -> tuple[tuple[Array, KVCache | None], Array | None]:
         *_, needs_append, needs_call = t_inputs
         if use_cache:
             carry = jax.lax.cond(needs_append, append, lambda c, _: c, carry, t_inputs)
         carry = jax.lax.cond(needs_call, denoise, lambda c, _: c, carry, t_inputs)
-        return carry, None
+        return carry, carry[0][:, :length] if return_trajectory else None
 
     as_int = functools.partial(jnp.asarray, dtype=jnp.int32)
     inputs = (jnp.arange(hyperschedule.num_steps, dtype=jnp.int32), tau_pad[:-1], tau_pad[1:],
               as_int(plan.settled), as_int(plan.worthless), as_int(plan.previous),
               jnp.asarray(plan.append), jnp.asarray(plan.call))
-    (x, _), _ = jax.lax.scan(body, (x_pad, cache), inputs)
+    (x, _), states = jax.lax.scan(body, (x_pad, cache), inputs)
     chex.assert_shape(x, (batch, length + pad))
-    return x[:, :length]
+    return x[:, :length], with_start(tokens, states)
 
 
 def generate_cached(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
                     schedule: NoiseSchedule, step: ReverseStep, *, tokens: Array,
                     fixed: Array | None = None, shifted: bool = False, fill: Fill | None = None,
-                    use_cache: bool = True, cache_dtype: Any = None) -> GenerationResult:
+                    use_cache: bool = True, cache_dtype: Any = None, prefill: bool = True,
+                    return_trajectory: bool = False) -> GenerationResult:
     """Window generation with a KV cache over the settled prefix (module docstring).
 
     Args:
@@ -228,8 +268,12 @@ def generate_cached(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
         ALIGNED.
       use_cache: False runs the same loop with full forwards over prefix + window (reference).
       cache_dtype: dtype of the cached keys / values, default the model's compute dtype.
+      prefill: settle the leading positions fixed in every row (a prompt) before the loop, in one
+        call (module docstring); the reference path (``use_cache=False``) uses the same plan.
+      return_trajectory: also return the state after every transition, [T + 1, B, d].
     Returns:
-      :class:`GenerationResult`: tokens [B, d], ``nfe`` window calls, ``cache_calls`` appends.
+      :class:`GenerationResult`: tokens [B, d], ``nfe`` window calls, ``cache_calls`` appends
+      (the prefill included), and the trajectory when asked.
     """
     check_model(model)
     config = model.config
@@ -241,18 +285,26 @@ def generate_cached(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
     if shifted and not bool(jnp.all(fixed[:, 0])):
         raise ValueError("shifted=True needs position 0 fixed in every sequence (a prompt or BOS "
                          "token): got fixed[:, 0] not all True")
-    plan = window_plan(hyperschedule, shifted)
+    prefix = fixed_prefix(fixed) if prefill else 0
+    plan = window_plan(hyperschedule, shifted, prefix)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
-    x = generate_cached_jit(graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule,
-                            schedule=schedule, step=step, shifted=bool(shifted), fill=fill,
-                            use_cache=bool(use_cache),
-                            cache_dtype=jnp.dtype(cache_dtype or config.dtype))
-    x = jax.block_until_ready(x)
+    x, states = generate_cached_jit(
+        graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule, schedule=schedule,
+        step=step, shifted=bool(shifted), fill=fill, use_cache=bool(use_cache),
+        cache_dtype=jnp.dtype(cache_dtype or config.dtype), prefix=prefix,
+        return_trajectory=bool(return_trajectory))
+    x, states = jax.block_until_ready((x, states))
     seconds = time.perf_counter() - start
-    return GenerationResult(tokens=x, nfe=int(plan.call.sum()),
-                            cache_calls=int(plan.append.sum()) if use_cache else 0,
-                            seconds=seconds)
+    cache_calls = int(plan.append.sum()) + int(prefix > 0) if use_cache else 0
+    return GenerationResult(tokens=x, nfe=int(plan.call.sum()), cache_calls=cache_calls,
+                            seconds=seconds, trajectory=states)
+
+
+def fixed_prefix(fixed: Array) -> int:
+    """The number of leading positions fixed in every row of ``fixed [B, d]`` (a host value)."""
+    leading = np.cumprod(np.all(np.asarray(fixed), axis=0))
+    return int(leading.sum())
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block_schedule", "schedule", "step",

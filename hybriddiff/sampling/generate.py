@@ -110,6 +110,8 @@ class GenerationResult(NamedTuple):
     append settled tokens to a KV cache (0 for uncached drivers). ``seconds``: wall time of the
     driver call, compilation included on the first call with given static arguments.
     ``lengths``: [B] generated lengths (arbitrary-length generation), else None.
+    ``trajectory``: [T + 1, B, d] the state before the first transition and after each of the
+    ``T`` transitions, when the driver was asked for it (``return_trajectory=True``), else None.
     """
 
     tokens: Array
@@ -117,6 +119,12 @@ class GenerationResult(NamedTuple):
     cache_calls: Any = 0
     seconds: float = 0.0
     lengths: Array | None = None
+    trajectory: Array | None = None
+
+
+def with_start(x0: Array, states: Array | None) -> Array | None:
+    """``[T + 1, B, d]``: the start state ``x0 [B, d]`` followed by the scanned ``states``."""
+    return None if states is None else jnp.concatenate([x0[None], states], 0)
 
 
 def prompt_state(prompt: Array, length: int, mask_id: int) -> tuple[Array, Array]:
@@ -175,11 +183,14 @@ def network_sigma(config: Any, noise: NoiseLevels) -> Array | None:
     return noise.sigma_bar if config.needs_sigma_bar else None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "hyperschedule", "schedule", "step"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "hyperschedule", "schedule", "step",
+                                             "return_trajectory"))
 def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: Array,
                  fixed: Array, *, hyperschedule: Hyperschedule, schedule: NoiseSchedule,
-                 step: ReverseStep) -> Array:
-    """The jitted scan of :func:`generate` over ``nnx.split(model)``; returns tokens [B, d]."""
+                 step: ReverseStep, return_trajectory: bool = False
+                 ) -> tuple[Array, Array | None]:
+    """The jitted scan of :func:`generate` over ``nnx.split(model)``: tokens [B, d] and, with
+    ``return_trajectory``, the states [T + 1, B, d] (else None)."""
     config = nnx.merge(graphdef, state).config
     tau = hyperschedule.tau_jnp()  # [T+1, d]
     num_levels = hyperschedule.num_levels
@@ -187,7 +198,7 @@ def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: A
     batch, length = tokens.shape
     positions = jnp.arange(length, dtype=jnp.int32)
 
-    def body(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, None]:
+    def body(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, Array | None]:
         t, level_now, level_next, call = inputs
         now = masked_noise(schedule, jnp.broadcast_to(level_now, (batch, length)), num_levels,
                            fixed)
@@ -200,17 +211,19 @@ def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: A
             x_next = step(jax.random.fold_in(key, t), x, output, now, nxt)
             return jnp.where(fixed, x, x_next.astype(x.dtype))
 
-        return jax.lax.cond(call, denoise, lambda x: x, x), None
+        x = jax.lax.cond(call, denoise, lambda x: x, x)
+        return x, x if return_trajectory else None
 
     steps = jnp.arange(hyperschedule.num_steps, dtype=jnp.int32)
-    x, _ = jax.lax.scan(body, tokens, (steps, tau[:-1], tau[1:], jnp.asarray(changes)))
+    x, states = jax.lax.scan(body, tokens, (steps, tau[:-1], tau[1:], jnp.asarray(changes)))
     chex.assert_shape(x, (batch, length))
-    return x
+    return x, with_start(tokens, states)
 
 
 def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
              schedule: NoiseSchedule, step: ReverseStep, *, tokens: Array | None = None,
-             fixed: Array | None = None, batch_size: int | None = None) -> GenerationResult:
+             fixed: Array | None = None, batch_size: int | None = None,
+             return_trajectory: bool = False) -> GenerationResult:
     """Full-sequence generation under ``hyperschedule`` (module docstring).
 
     Args:
@@ -222,8 +235,9 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
       tokens: initial state [B, d] (e.g. from :func:`prompt_state`); default all MASK.
       fixed: [B, d] bool positions that never change (prompt, infilling), default none.
       batch_size: B when ``tokens`` is None.
+      return_trajectory: also return the state after every transition, [T + 1, B, d].
     Returns:
-      :class:`GenerationResult` with tokens [B, d], NFE and wall seconds.
+      :class:`GenerationResult` with tokens [B, d], NFE and wall seconds (and the trajectory).
     """
     check_model(model)
     config = model.config
@@ -237,9 +251,10 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
     tokens, fixed = check_state(tokens, fixed, length)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
-    x = generate_jit(graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule,
-                     schedule=schedule, step=step)
-    x = jax.block_until_ready(x)
+    x, states = generate_jit(graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule,
+                             schedule=schedule, step=step,
+                             return_trajectory=bool(return_trajectory))
+    x, states = jax.block_until_ready((x, states))
     seconds = time.perf_counter() - start
     nfe = int(np.any(hyperschedule.tau[:-1] != hyperschedule.tau[1:], axis=1).sum())
-    return GenerationResult(tokens=x, nfe=nfe, seconds=seconds)
+    return GenerationResult(tokens=x, nfe=nfe, seconds=seconds, trajectory=states)

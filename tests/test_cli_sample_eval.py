@@ -18,6 +18,7 @@ import pytest
 import train_runs
 from hybriddiff import cli
 from hybriddiff.evaluation import generative
+from hybriddiff.evaluation import runs as runs_lib
 from hybriddiff.evaluation.likelihood import negative_elbo
 from hybriddiff.model.sharding import activate
 from hybriddiff.sampling import drive
@@ -180,3 +181,61 @@ def test_block_run_restores_ema_and_samples_with_the_cache(block_run: Path, samp
     tokens = np.asarray(result.tokens)
     assert tokens.shape == (2, 128) and np.all((tokens >= 0) & (tokens < 259))
     assert result.nfe == 4 * 4  # 4 blocks of 32, 4 levels each
+
+
+def test_conditioning_state_places_prompt_and_infill(block_run: Path) -> None:
+    restored = drive.restore_run(block_run)  # rows framed BOS ... EOS: the prompt follows BOS
+    tokens, fixed = drive.conditioning_state(restored, 2, prompt=[5, 6, 7], infill={120: [8, 9]})
+    tokens, fixed = np.asarray(tokens), np.asarray(fixed)
+    expected_fixed = np.zeros(128, bool)
+    expected_fixed[[0, 1, 2, 3, 120, 121]] = True
+    np.testing.assert_array_equal(fixed, np.broadcast_to(expected_fixed, (2, 128)))
+    np.testing.assert_array_equal(tokens[:, [0, 1, 2, 3, 120, 121]], [[256, 5, 6, 7, 8, 9]] * 2)
+    assert np.all(tokens[~fixed] == restored.setup.objective.mask_id)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompt": [1] * 128}, r"prompt of 128 tokens does not fit the model's length 128 \(after 1 BOS"),
+    ({"prompt": [1, 2], "infill": {2: [3]}}, "infill span at position 2 overlaps the prompt"),
+    ({"infill": {127: [3, 4]}}, r"infill span at position 127 of 2 tokens does not fit in \[0, 128\)"),
+    ({"infill": {-1: [3]}}, "infill span at position -1"),
+    ({"prompt": [259]}, r"prompt holds ids outside the vocabulary \[0, 259\)"),
+])
+def test_conditioning_state_errors(block_run: Path, options: dict, message: str) -> None:
+    restored = drive.restore_run(block_run)
+    with pytest.raises(ValueError, match=message):
+        drive.conditioning_state(restored, 1, **options)
+
+
+def test_prompted_infilled_and_long_samples(block_run: Path, runs: dict[str, Path]) -> None:
+    records = runs_lib.sample_run(block_run, num_samples=2, batch_size=2, steps=4,
+                                  prompt="Hello", infill={100: "world"})
+    for record in records:
+        assert record["tokens"][:6] == [256, *b"Hello"] and record["tokens"][100:105] == list(b"world")
+        assert record["precision"] == "float64"  # evaluation samples draw in float64 by default
+        assert record["prompt"] == "Hello" and record["infill"] == {"100": "world"}
+    long = runs_lib.sample_run(block_run, num_samples=4, batch_size=4, steps=2, prompt="Hi",
+                               max_length=200, precision="float32")
+    eos = 257
+    for record in long:
+        tokens = record["tokens"]
+        assert tokens[:3] == [256, *b"Hi"] and record["length"] == len(tokens) <= 200
+        assert (tokens[-1] == eos and eos not in tokens[:-1]) or len(tokens) == 200
+        assert record["max_length"] == 200
+    assert max(record["length"] for record in long) > 128 or all(
+        record["tokens"][-1] == eos for record in long)
+    with pytest.raises(ValueError, match="max_length needs an ALIGNED block run.*'flat'"):
+        runs_lib.sample_run(runs["gamma"], num_samples=1, batch_size=1, max_length=200)
+
+
+def test_zero_shot_bound_on_another_source(runs: dict[str, Path]) -> None:
+    own = runs_lib.evaluate_run(runs["gamma"], num_batches=1)
+    other = runs_lib.evaluate_run(runs["gamma"], num_batches=1,
+                                  data={"source": "text", "path": str(train_runs.SHAKESPEARE)})
+    assert other["data"]["path"] == str(train_runs.SHAKESPEARE)
+    assert math.isfinite(other["nll_per_token"]) and other["nll_per_token"] != own["nll_per_token"]
+    assert other["num_tokens"] == own["num_tokens"]
+    prepared = list((runs["gamma"] / "zeroshot").iterdir())
+    assert len(prepared) == 1 and prepared[0].name.startswith("text-")
+    with pytest.raises(ValueError, match=r"zero-shot data keys must be among .* got \['seq_len'\]"):
+        runs_lib.evaluate_run(runs["gamma"], num_batches=1, data={"seq_len": 64})

@@ -1,12 +1,20 @@
 """Sampling and evaluating a trained run directory (what `hybriddiff sample` and `hybriddiff eval`
-call): samples as JSON records, the negative-ELBO bound on a split, generative perplexity under a
-judge and unigram entropy (:mod:`hybriddiff.evaluation.generative`)."""
+call): samples as JSON records, the negative-ELBO bound on a split of the run's data or, zero-shot,
+of another source tokenized with the run's tokenizer, generative perplexity under a judge and
+unigram entropy (:mod:`hybriddiff.evaluation.generative`).
+
+Evaluation samples draw their tokens in float64 by default (``precision="float64"``, run under
+``jax.enable_x64``): float32 Gumbel noise cannot exceed ~15.9 and under-samples the tails of peaked
+categoricals (:mod:`hybriddiff.sampling.categorical`); ``"float32"`` is the fast path.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +25,7 @@ from hybriddiff.evaluation import generative
 from hybriddiff.sampling.categorical import CategoricalConfig
 from hybriddiff.sampling.drive import RestoredRun, restore_run, reverse_step, sample
 
-__all__ = ["evaluate_run", "generate_samples", "sample_run", "write_jsonl"]
+__all__ = ["evaluate_run", "generate_samples", "sample_run", "write_jsonl", "zero_shot_data"]
 
 _SPLITS = ("train", "validation")
 
@@ -30,13 +38,17 @@ def _positive(name: str, value: Any) -> int:
 
 def generate_samples(run: RestoredRun, *, num_samples: int = 8, batch_size: int = 8,
                      sampler: str | None = None, steps: int | None = None,
-                     precision: str = "float32", temperature: float = 1.0, seed: int = 0,
-                     eta: float = 0.0) -> tuple[np.ndarray, list[dict[str, Any]]]:
+                     precision: str = "float64", temperature: float = 1.0, seed: int = 0,
+                     eta: float = 0.0, prompt: str = "", infill: Mapping[int, str] | None = None,
+                     max_length: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """``tokens [num_samples, L]`` and one record per generation call (nfe, seconds).
 
     ``sampler`` defaults to ``"analytic"`` for score models and ``"ancestral"`` otherwise; batch
     ``b`` uses ``fold_in(key(seed), b)``; the last call is padded to ``batch_size`` rows (one
-    compilation) and cut.
+    compilation) and cut. ``prompt``: text every sample continues; ``infill``: position -> text
+    fixed from that position on (both tokenized with the run's tokenizer,
+    :func:`hybriddiff.sampling.drive.conditioning_state`). ``max_length``: BD3-LM arbitrary-length
+    generation up to that many tokens (``L = max_length``; past a row's EOS the tokens are EOS).
     """
     _positive("num_samples", num_samples)
     _positive("batch_size", batch_size)
@@ -44,16 +56,27 @@ def generate_samples(run: RestoredRun, *, num_samples: int = 8, batch_size: int 
         sampler = "analytic" if run.setup.objective.loss_kind == "dwdse" else "ancestral"
     sampling = CategoricalConfig(temperature=temperature, precision=precision)
     step = reverse_step(run.setup, sampler, eta=eta, sampling=sampling)
+    prompt_ids = [int(t) for t in run.tokenizer.encode(prompt)] if prompt else []
+    infill_ids = {int(position): [int(t) for t in run.tokenizer.encode(text)]
+                  for position, text in (infill or {}).items()}
     key = jax.random.key(seed)
     rows, calls = [], []
-    for index in range(math.ceil(num_samples / batch_size)):
-        result = sample(run, step, jax.random.fold_in(key, index), num_samples=batch_size,
-                        num_levels=steps)
-        rows.append(np.asarray(jax.device_get(result.tokens)))
-        calls.append({"nfe": int(result.nfe), "seconds": float(result.seconds)})
+    with jax.enable_x64(precision == "float64"):
+        for index in range(math.ceil(num_samples / batch_size)):
+            result = sample(run, step, jax.random.fold_in(key, index), num_samples=batch_size,
+                            num_levels=steps, prompt=prompt_ids, infill=infill_ids,
+                            max_length=max_length)
+            rows.append(np.asarray(jax.device_get(result.tokens)))
+            calls.append({"nfe": int(result.nfe), "seconds": float(result.seconds)})
     settings = {"sampler": sampler, "steps": steps or run.setup.num_levels, "precision": precision,
                 "temperature": temperature, "seed": seed, "eta": eta, "checkpoint_step": run.step,
                 "ema": run.ema}
+    if prompt:
+        settings["prompt"] = prompt
+    if infill:
+        settings["infill"] = {str(position): text for position, text in infill.items()}
+    if max_length is not None:
+        settings["max_length"] = max_length
     for call in calls:
         call.update(settings)
     return np.concatenate(rows)[:num_samples], calls
@@ -61,12 +84,20 @@ def generate_samples(run: RestoredRun, *, num_samples: int = 8, batch_size: int 
 
 def sample_run(workdir: str | Path, **options: Any) -> list[dict[str, Any]]:
     """Samples of a run as JSON records ``{text, tokens, nfe, seconds, sampler settings}``
-    (options of :func:`generate_samples`)."""
+    (options of :func:`generate_samples`); with ``max_length`` each row is cut after its first EOS
+    (``length`` says where)."""
     run = restore_run(workdir)
     tokens, calls = generate_samples(run, **options)
     batch_size = options.get("batch_size", 8)
-    return [{"text": run.tokenizer.decode(row), "tokens": [int(t) for t in row],
-             **calls[index // batch_size]} for index, row in enumerate(tokens)]
+    records = []
+    for index, row in enumerate(tokens):
+        extra: dict[str, Any] = {}
+        if options.get("max_length") is not None:
+            row = row[np.asarray(generative.eos_mask(row[None], run.tokenizer.eos_id))[0]]
+            extra["length"] = len(row)
+        records.append({"text": run.tokenizer.decode(row), "tokens": [int(t) for t in row],
+                        **extra, **calls[index // batch_size]})
+    return records
 
 
 def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
@@ -76,7 +107,29 @@ def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
             file.write(json.dumps(record) + "\n")
 
 
-def _bound(run: RestoredRun, split: str, num_batches: int | None) -> dict[str, float]:
+def zero_shot_data(run: RestoredRun, data: Mapping[str, Any], *, progress: bool = False) -> Any:
+    """Another source tokenized with the run's tokenizer, prepared once into
+    ``<workdir>/zeroshot/<name>``; ``data`` overrides keys of the run's ``data`` config (``source``,
+    ``path``, ``data_dir``, ``validation_fraction``). Returns ``loop.PreparedData``."""
+    from hybriddiff.training.loop import prepare_data
+
+    allowed = ("source", "path", "data_dir", "validation_fraction")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"zero-shot data keys must be among {allowed}, got {unknown}")
+    config = run.config.copy_and_resolve_references()
+    config.data.update(dict(data))
+    if "path" not in data:
+        config.data.path = ""
+    described = json.dumps({k: config.data.get(k) for k in allowed}, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(config.data.source))
+    name = f"{slug}-{hashlib.sha256(described.encode()).hexdigest()[:10]}"
+    return prepare_data(config, run.workdir / "zeroshot" / name, progress=progress,
+                        tokenizer=run.tokenizer)
+
+
+def _bound(run: RestoredRun, split: str, num_batches: int | None,
+           data: Mapping[str, Any] | None = None) -> dict[str, float]:
     from hybriddiff.training import core
     from hybriddiff.training.loop import Evaluator, ensure_prepared, make_pipelines
 
@@ -85,10 +138,11 @@ def _bound(run: RestoredRun, split: str, num_batches: int | None) -> dict[str, f
     num_batches = _positive("num_batches", run.config.train.eval_batches if num_batches is None
                             else num_batches)
     setup = run.setup
-    data = ensure_prepared(run.config, run.workdir, progress=False)
+    prepared = (ensure_prepared(run.config, run.workdir, progress=False) if data is None
+                else zero_shot_data(run, data))
     rows = core.batch_sharding(setup).spec[0]
     batch_axes = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
-    pipelines = make_pipelines(run.config, data, setup.mesh, batch_axes)
+    pipelines = make_pipelines(run.config, prepared, setup.mesh, batch_axes)
     pipeline = pipelines[_SPLITS.index(split)]
     bound = Evaluator(setup, setup.mesh, pipeline, num_batches).bound(run.params)
     tokens = num_batches * run.config.train.batch_size * int(
@@ -106,15 +160,19 @@ def _judge(judge_workdir: str | None, judge_hf: str | None) -> Any:
 
 
 def evaluate_run(workdir: str | Path, *, split: str = "validation", num_batches: int | None = None,
-                 gen_ppl: bool = False, entropy: bool = False, judge_workdir: str | None = None,
+                 data: Mapping[str, Any] | None = None, gen_ppl: bool = False,
+                 entropy: bool = False, judge_workdir: str | None = None,
                  judge_hf: str | None = None, **sampling: Any) -> dict[str, Any]:
-    """``{nll_per_token, perplexity_bound, num_tokens}`` of the run's bound on ``split``, plus
-    ``gen_ppl`` (with ``gen_nll_per_token``, ``gen_num_tokens``) under the judge and ``entropy``
-    (mean unigram entropy, nats) of fresh samples when asked (``sampling``: options of
+    """``{nll_per_token, perplexity_bound, num_tokens}`` of the run's bound on ``split`` (of the
+    run's data, or zero-shot of ``data``: overrides of the data config, :func:`zero_shot_data`),
+    plus ``gen_ppl`` (with ``gen_nll_per_token``, ``gen_num_tokens``) under the judge and
+    ``entropy`` (mean unigram entropy, nats) of fresh samples when asked (``sampling``: options of
     :func:`generate_samples`)."""
     run = restore_run(workdir)
     result: dict[str, Any] = {"split": split, "checkpoint_step": run.step, "ema": run.ema,
-                              **_bound(run, split, num_batches)}
+                              **_bound(run, split, num_batches, data)}
+    if data is not None:
+        result["data"] = dict(data)
     if not (gen_ppl or entropy):
         return result
     judge = _judge(judge_workdir, judge_hf) if gen_ppl else None

@@ -171,7 +171,7 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
     cache = init_cache(config, batch, length + append_width, cache_dtype) if use_cache else None
     if use_cache and prefix:
         model = merge_for_inference(graphdef, state)
-        sigma = jnp.zeros((batch, prefix)) if config.needs_sigma_bar else None
+        sigma = jnp.zeros((batch, prefix), jnp.float32) if config.needs_sigma_bar else None
         _, cache = model.forward_cached(tokens[:, :prefix], jnp.arange(prefix), sigma, cache,
                                         window_mask=_settled_mask(group[:prefix], fill),
                                         update_cache=True)
@@ -184,7 +184,7 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
         cell_positions = previous + jnp.arange(append_width)  # [A]
         valid = cell_positions < settled
         cell_tokens = jax.lax.dynamic_slice_in_dim(x, previous, append_width, axis=1)
-        sigma = jnp.zeros((batch, append_width)) if config.needs_sigma_bar else None
+        sigma = jnp.zeros((batch, append_width), jnp.float32) if config.needs_sigma_bar else None
         _, cache = model.forward_cached(cell_tokens, cell_positions, sigma, cache,
                                         window_mask=_append_mask(valid, fill), update_cache=True)
         return x, dataclasses.replace(cache, length=settled.astype(jnp.int32))
@@ -213,7 +213,7 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
             top = jnp.concatenate([clean, jnp.zeros((length, cells), bool)], 1)
             bottom = jnp.concatenate([jnp.broadcast_to(seen, (cells, length)), window_mask], 1)
             full_sigma = None if sigma is None else jnp.concatenate(
-                [jnp.zeros((batch, length)), sigma], 1)
+                [jnp.zeros((batch, length), sigma.dtype), sigma], 1)
             output = model(jnp.concatenate([x[:, :length], cell_tokens], 1),
                            jnp.concatenate([slots, cell_positions]), full_sigma,
                            mask=jnp.concatenate([top, bottom], 0))[:, length:]
@@ -326,10 +326,10 @@ def generate_blocks_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, pr
     num_levels = block_schedule.num_levels
     tau = block_schedule.tau_jnp()  # [K+1, omega]
     cache = init_cache(config, batch, total, cache_dtype)
-    zeros = jnp.zeros((batch, width)) if config.needs_sigma_bar else None
+    zeros = jnp.zeros((batch, width), jnp.float32) if config.needs_sigma_bar else None
     if prompt_length:
         model = merge_for_inference(graphdef, state)
-        prompt_sigma = jnp.zeros((batch, prompt_length)) if config.needs_sigma_bar else None
+        prompt_sigma = jnp.zeros((batch, prompt_length), jnp.float32) if config.needs_sigma_bar else None
         _, cache = model.forward_cached(prompt, jnp.arange(prompt_length), prompt_sigma, cache,
                                         window_mask=block_causal_mask(prompt_length,
                                                                     min(width, prompt_length)),
@@ -359,7 +359,7 @@ def generate_blocks_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, pr
 
         masked = jnp.full((batch, width), config.mask_id, jnp.int32)
         steps = jnp.arange(block_schedule.num_steps, dtype=jnp.int32)
-        (x, entropy), _ = jax.lax.scan(denoise, (masked, jnp.zeros(batch)),
+        (x, entropy), _ = jax.lax.scan(denoise, (masked, jnp.zeros(batch, jnp.float32)),
                                        (steps, tau[:-1], tau[1:]))
         _, cache = model.forward_cached(x, positions, zeros, cache, update_cache=True)
         if eos_id is None:
@@ -374,7 +374,8 @@ def generate_blocks_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, pr
         keep = (jnp.arange(width)[None, :] <= first_eos[:, None]) & ~done[:, None]
         x = jnp.where(keep, x, pad_id)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, x, start, axis=1)
-        lengths = jnp.where(done, lengths, start + jnp.minimum(first_eos + 1, width))
+        lengths = jnp.where(done, lengths, start + jnp.minimum(first_eos + 1, width)).astype(
+            jnp.int32)
         done = done | has_eos | low_entropy
         return block + 1, tokens, cache, done, lengths
 

@@ -16,29 +16,40 @@ Samplers by model output:
   :data:`~hybriddiff.sampling.unmasking.ADAPTIVE_STRATEGIES`).
 
 Drivers by hyperschedule: ``flat`` runs :func:`generate` (whole sequence every step); ``block``,
-``slide`` and ``quench`` run :func:`generate_cached` with the settled prefix in the KV cache.
-SHIFTED layouts need a first token fixed; :func:`sample` fixes the tokenizer's BOS there.
+``slide`` and ``quench`` run :func:`generate_cached` with the settled prefix in the KV cache (a
+prompt is prefilled into it in one call). SHIFTED layouts need a first token fixed; :func:`sample`
+fixes the tokenizer's BOS there (and in every layout when the run frames rows with BOS / EOS).
+
+Conditioning (:func:`conditioning_state`): a prompt is written after that BOS; infilling fixes
+token spans at given positions (e.g. a suffix); every fixed position is fed clean and never
+changes, the others are generated.
+
+Arbitrary length (``max_length``, ALIGNED block runs: BD3-LM, seed 001 Alg. 2): blocks of the run's
+width are generated after the prompt by :func:`generate_blocks` until EOS or ``max_length``, which
+may exceed the training length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from hybriddiff import hyperschedules
 from hybriddiff.data import Tokenizer, read_manifest
 from hybriddiff.data.tokenizers import tokenizer_from_description
 from hybriddiff.model.sharding import activate, make_mesh
-from hybriddiff.sampling.cached import generate_cached
+from hybriddiff.sampling.cached import generate_blocks, generate_cached
 from hybriddiff.sampling.categorical import CategoricalConfig
 from hybriddiff.sampling.generate import (AnalyticReverse, GenerationResult, MDLMReverse,
-                                          ReverseStep, UnmaskReverse, generate, prompt_state)
+                                          ReverseStep, UnmaskReverse, generate)
 from hybriddiff.sampling.steps import NoiseLevels, acs_step
 from hybriddiff.sampling.unmasking import ADAPTIVE_STRATEGIES, COUNT_STRATEGIES, UnmaskingConfig
 
@@ -46,6 +57,7 @@ __all__ = [
     "SAMPLERS",
     "ACSReverse",
     "RestoredRun",
+    "conditioning_state",
     "inference_hyperschedule",
     "restore_run",
     "reverse_step",
@@ -151,21 +163,79 @@ def inference_hyperschedule(setup: Any, num_levels: int | None = None
     return core.objective_hyperschedule(setup.objective, levels)
 
 
-def sample(run: RestoredRun, step: ReverseStep, key: jax.Array, *, num_samples: int,
-           num_levels: int | None = None) -> GenerationResult:
-    """``num_samples`` unconditional rows from ``run`` with the driver of its hyperschedule
-    (module docstring); SHIFTED layouts start from the tokenizer's BOS at position 0."""
+def _token_ids(name: str, tokens: Sequence[int], num_tokens: int) -> list[int]:
+    ids = [int(t) for t in tokens]
+    if any(t < 0 or t >= num_tokens for t in ids):
+        raise ValueError(f"{name} holds ids outside the vocabulary [0, {num_tokens}): {ids}")
+    return ids
+
+
+def conditioning_state(run: RestoredRun, num_samples: int, *, prompt: Sequence[int] = (),
+                       infill: Mapping[int, Sequence[int]] | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Initial ``tokens [num_samples, L]`` (MASK where generated) and ``fixed [num_samples, L]``.
+
+    The sequence starts with the tokenizer's BOS when the layout is SHIFTED or the run frames its
+    rows with BOS / EOS (``data.bos_eos_framing``), then ``prompt``; ``infill`` maps a position to
+    the token ids written from it on (spans may not overlap the start or each other).
+    """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got num_samples={num_samples!r}")
+    objective = run.setup.objective
+    length, num_tokens = objective.length, objective.process.num_tokens
+    start = [run.tokenizer.bos_id] if (objective.shifted or bool(
+        run.config.data.get("bos_eos_framing", False))) else []
+    head = start + _token_ids("prompt", prompt, num_tokens)
+    if len(head) > length:
+        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's length "
+                         f"{length} (after {len(start)} BOS)")
+    row = np.full(length, objective.mask_id, np.int32)
+    fixed_row = np.zeros(length, bool)
+    row[:len(head)], fixed_row[:len(head)] = head, True
+    for position, span in sorted((infill or {}).items()):
+        ids = _token_ids(f"infill[{position}]", span, num_tokens)
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not (
+                0 <= position and position + len(ids) <= length):
+            raise ValueError(f"infill span at position {position!r} of {len(ids)} tokens does "
+                             f"not fit in [0, {length})")
+        if fixed_row[position:position + len(ids)].any():
+            raise ValueError(f"infill span at position {position} overlaps the prompt or another "
+                             "span")
+        row[position:position + len(ids)], fixed_row[position:position + len(ids)] = ids, True
+    return (jnp.broadcast_to(jnp.asarray(row), (num_samples, length)),
+            jnp.broadcast_to(jnp.asarray(fixed_row), (num_samples, length)))
+
+
+def sample(run: RestoredRun, step: ReverseStep, key: jax.Array, *, num_samples: int,
+           num_levels: int | None = None, prompt: Sequence[int] = (),
+           infill: Mapping[int, Sequence[int]] | None = None,
+           return_trajectory: bool = False, max_length: int | None = None) -> GenerationResult:
+    """``num_samples`` rows from ``run`` with the driver of its hyperschedule (module docstring),
+    conditioned on ``prompt`` / ``infill`` token ids (:func:`conditioning_state`);
+    ``return_trajectory``: also the states after every step, [T + 1, B, L]; ``max_length``:
+    arbitrary-length generation (module docstring), ``lengths`` in the result."""
     setup = run.setup
     objective = setup.objective
     hyperschedule = inference_hyperschedule(setup, num_levels)
+    tokens, fixed = conditioning_state(run, num_samples, prompt=prompt, infill=infill)
     model = run.model()
-    bos = jnp.full((num_samples, int(objective.shifted)), run.tokenizer.bos_id, jnp.int32)
-    tokens, fixed = prompt_state(bos, objective.length, objective.mask_id)
+    if max_length is not None:
+        if objective.layout_kind != "block" or objective.shifted:
+            raise ValueError(f"max_length needs an ALIGNED block run (BD3-LM), got "
+                             f"hyperschedule.kind={objective.layout_kind!r} shifted="
+                             f"{objective.shifted}")
+        if infill or return_trajectory:
+            raise ValueError("max_length generation takes a prompt only (no infill, trajectory)")
+        head = int(np.asarray(fixed[0]).sum())
+        with activate(setup.mesh, setup.rules):
+            return generate_blocks(model, key, block_width=objective.width, max_length=max_length,
+                                   schedule=objective.schedule, step=step,
+                                   num_levels=hyperschedule.num_levels, prompt=tokens[:, :head],
+                                   batch_size=num_samples, eos_id=run.tokenizer.eos_id)
     with activate(setup.mesh, setup.rules):
         if objective.layout_kind == "flat":
             return generate(model, key, hyperschedule, objective.schedule, step, tokens=tokens,
-                            fixed=fixed)
+                            fixed=fixed, return_trajectory=return_trajectory)
         return generate_cached(model, key, hyperschedule, objective.schedule, step, tokens=tokens,
-                               fixed=fixed, shifted=objective.shifted)
+                               fixed=fixed, shifted=objective.shifted,
+                               return_trajectory=return_trajectory)

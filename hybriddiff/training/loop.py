@@ -132,13 +132,15 @@ def resolve_tokenizer(spec: str, root: Path, train_source: DocumentSource) -> To
 
 
 def prepare_data(config: ml_collections.ConfigDict, root: str | os.PathLike[str], *,
-                 progress: bool = True) -> PreparedData:
+                 progress: bool = True, tokenizer: Tokenizer | None = None) -> PreparedData:
     """Tokenizes both splits of the configured source into `root/{train,validation}` (a no-op check
-    when they are already prepared with the same settings; an error when the settings differ)."""
+    when they are already prepared with the same settings; an error when the settings differ).
+    `tokenizer`: use this one instead of `data.tokenizer` (zero-shot data for a trained model)."""
     root = Path(root).absolute()  # the manifests record the tokenizer file by this path
     root.mkdir(parents=True, exist_ok=True)
     train_source = open_split(config, "train")
-    tokenizer = resolve_tokenizer(config.data.tokenizer, root, train_source)
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(config.data.tokenizer, root, train_source)
     prepare_dataset(train_source, tokenizer, root / SPLIT_DIRS["train"], progress=progress)
     prepare_dataset(open_split(config, "validation"), tokenizer, root / SPLIT_DIRS["validation"],
                     progress=progress)

@@ -2,6 +2,11 @@
 # Shared code of the launch scripts (sourced, never run): option parsing and checking, printing or
 # running gcloud commands, and the commands themselves (create, set up, prepare, train, delete), so
 # that resume.sh runs exactly what create.sh, setup.sh and train.sh run. See launch/README.md.
+#
+# Storage: the trainer writes metrics.jsonl, config.json and prepared data with local file I/O, so
+# the bucket of a gs://BUCKET/PATH given to --workdir or --data is mounted with gcsfuse on the
+# workers that use it at $HD_MOUNT_ROOT/BUCKET (--mount-root, default /mnt/gcs), and the trainer
+# gets $HD_MOUNT_ROOT/BUCKET/PATH.
 
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
   echo "error: the launch scripts need bash >= 4.4, this is bash ${BASH_VERSION}" >&2
@@ -11,16 +16,25 @@ fi
 # Paths on every TPU VM worker. Single-quoted on purpose: $HOME is expanded by the remote shell.
 # shellcheck disable=SC2016
 readonly HD_REMOTE_SRC='$HOME/hybriddiff' HD_REMOTE_VENV='$HOME/hybriddiff-venv' \
-  HD_REMOTE_DATA='$HOME/hybriddiff-data' HD_REMOTE_LOGS='$HOME/hybriddiff-logs'
+  HD_REMOTE_LOGS='$HOME/hybriddiff-logs'
 readonly HD_REMOTE_TARBALL='hybriddiff-src.tar.gz'
 readonly HD_METADATA='http://metadata.google.internal/computeMetadata/v1/instance/attributes'
+# Cloud Storage FUSE from Google's apt repository, as its installation guide does
+# (cloud.google.com/storage/docs/cloud-storage-fuse/install).
+readonly HD_APT_KEY_URL='https://packages.cloud.google.com/apt/doc/apt-key.gpg' \
+  HD_APT_KEYRING='/usr/share/keyrings/cloud.google.asc' \
+  HD_APT_SOURCE='/etc/apt/sources.list.d/gcsfuse.list'
+# Mount flags: --implicit-dirs shows directories that exist only as object-name prefixes (written by
+# gcloud storage or Orbax); --rename-dir-limit lets Orbax commit a checkpoint by renaming its
+# temporary directory on a bucket without hierarchical namespace (copy and delete, not atomic).
+readonly HD_GCSFUSE_FLAGS='--implicit-dirs --rename-dir-limit=200000'
 
 # Option values, filled by hd_parse (flags are 0/1); read by the scripts that source this file.
 # shellcheck disable=SC2034
 {
   HD_NAME='' HD_ZONE='' HD_PROJECT='' HD_ACCELERATOR='' HD_VERSION='' HD_SPOT=0 HD_PREEMPTIBLE=0
   HD_REPO='' HD_REF='main' HD_TARBALL='' HD_PYTHON='3.12' HD_CONFIG='' HD_DATA='' HD_WORKDIR=''
-  HD_DRY_RUN=0
+  HD_MOUNT_ROOT='/mnt/gcs' HD_DRY_RUN=0
   HD_ENV=()
   HD_EXTRA=()
   HD_LOCATION=()
@@ -49,9 +63,11 @@ hd_option_help() {
       "made with: git archive --format=tar.gz -o FILE HEAD" ;;
     python) echo "--python=VERSION     Python of the virtual environment, >= 3.11 (default: 3.12)" ;;
     config) echo "--config=FILE        experiment config relative to the repository, e.g. configs/owt_gamma_flat.py" ;;
-    data) echo "--data=gs://...      prepared data in Cloud Storage (written by prepare.sh)" ;;
-    workdir) echo "--workdir=gs://...   run directory in Cloud Storage (checkpoints, metrics); keep it" \
-      "to resume" ;;
+    data) echo "--data=gs://...      prepared data in Cloud Storage (written by prepare.sh), mounted with" \
+      "gcsfuse; or an absolute path on the workers" ;;
+    workdir) echo "--workdir=gs://...   run directory in Cloud Storage (checkpoints, metrics), mounted with" \
+      "gcsfuse on every worker; or an absolute path on the workers; keep it to resume" ;;
+    mount-root) echo "--mount-root=DIR     where the workers mount a bucket: DIR/BUCKET (default: /mnt/gcs)" ;;
     env) echo "--env=KEY=VALUE      environment variable for the trainer on every host (repeatable)" ;;
     --) echo "-- ARGS...           further arguments of the hybriddiff command, e.g. --config.train.batch_size=256" ;;
     dry-run) echo "--dry-run            print the gcloud commands, one per line, and run nothing" ;;
@@ -200,12 +216,24 @@ hd_check_config() {
   [[ $HD_CONFIG != *..* ]] || hd_die "--config=$HD_CONFIG must not contain '..'"
 }
 
-# hd_check_gs OPTION: a gs:// URL (a TPU VM's disk does not survive preemption); drops a trailing /.
-hd_check_gs() {
+# hd_check_storage OPTION: a gs:// URL (mounted on the workers) or an absolute path on the workers;
+# drops a trailing /. Anything else, e.g. s3://... or a relative path, is an error.
+hd_check_storage() {
   local variable=HD_${1^^}
-  hd_match "$1" "${!variable}" '^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._=-]+)*/?$' \
-    "expected a Cloud Storage URL gs://BUCKET/PATH (a TPU VM's disk does not survive preemption)"
-  printf -v "$variable" '%s' "${!variable%/}"
+  local value=${!variable}
+  [[ $value =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._=-]+)*/?$ ||
+    $value =~ ^(/[A-Za-z0-9._=+-]+)+/?$ ]] ||
+    hd_die "--$1=$value is not valid: expected a Cloud Storage URL gs://BUCKET/PATH (mounted with" \
+      "gcsfuse on the workers) or an absolute path on the workers"
+  [[ /$value/ != */../* && /$value/ != */./* ]] ||
+    hd_die "--$1=$value must not contain '.' or '..' path components"
+  printf -v "$variable" '%s' "${value%/}"
+}
+
+# Checks --mount-root: an absolute directory on the workers (no component starts with a dot).
+hd_check_mount_root() {
+  hd_match mount-root "$HD_MOUNT_ROOT" '^(/[A-Za-z0-9_][A-Za-z0-9._-]*)+$' \
+    "expected an absolute directory such as /mnt/gcs"
 }
 
 hd_check_env() {
@@ -299,16 +327,22 @@ hd_ssh() {
   hd_run gcloud compute tpus tpu-vm ssh "$HD_NAME" "${HD_LOCATION[@]}" "--worker=$1" "--command=$2"
 }
 
-# The remote command that installs hybriddiff and the TPU JAX wheel in a virtual environment.
+# The remote command that installs gcsfuse (unless present), hybriddiff and the TPU JAX wheel in a
+# virtual environment.
 hd_setup_command() {
-  local fetch venv=$HD_REMOTE_VENV src=$HD_REMOTE_SRC
+  local fetch venv=$HD_REMOTE_VENV src=$HD_REMOTE_SRC apt='sudo apt-get -o DPkg::Lock::Timeout=300'
   if [[ -n $HD_TARBALL ]]; then
     fetch="rm -rf \"$src\"; mkdir -p \"$src\"; tar -xzf \"\$HOME/$HD_REMOTE_TARBALL\" -C \"$src\""
   else
     fetch="git init -q \"$src\"; git -C \"$src\" fetch -q --depth=1 $HD_REPO $HD_REF;"
     fetch+=" git -C \"$src\" checkout -q --force FETCH_HEAD"
   fi
-  printf '%s' "set -euo pipefail; export PATH=\"\$HOME/.local/bin:\$PATH\";" \
+  printf '%s' "set -euo pipefail; if ! command -v gcsfuse >/dev/null; then" \
+    " curl -fsSL $HD_APT_KEY_URL | sudo tee $HD_APT_KEYRING >/dev/null;" \
+    " echo \"deb [signed-by=$HD_APT_KEYRING] https://packages.cloud.google.com/apt" \
+    " gcsfuse-\$(lsb_release -cs) main\" | sudo tee $HD_APT_SOURCE >/dev/null;" \
+    " $apt update -q; $apt install -y -q gcsfuse; fi;" \
+    " export PATH=\"\$HOME/.local/bin:\$PATH\";" \
     " command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh;" \
     " uv venv --allow-existing --seed --python $HD_PYTHON \"$venv\"; $fetch;" \
     " \"$venv/bin/python\" -m pip install -U \"jax[tpu]\"; \"$venv/bin/python\" -m pip install -e \"$src\""
@@ -322,9 +356,31 @@ hd_setup() {
   hd_ssh all "$(hd_setup_command)"
 }
 
-# Local copy of --data on a worker: $HOME/hybriddiff-data/<last path component>.
-hd_local_data() {
-  printf '%s/%s' "$HD_REMOTE_DATA" "${HD_DATA##*/}"
+# hd_worker_path VALUE: where a worker sees --workdir or --data: gs://BUCKET/PATH is
+# $HD_MOUNT_ROOT/BUCKET/PATH; a path is itself.
+hd_worker_path() {
+  if [[ $1 == gs://* ]]; then
+    printf '%s/%s' "$HD_MOUNT_ROOT" "${1#gs://}"
+  else
+    printf '%s' "$1"
+  fi
+}
+
+# hd_mount_command VALUE...: the remote command that mounts the bucket of every gs:// VALUE (each
+# bucket once) at $HD_MOUNT_ROOT/BUCKET, owned by the ssh user; a bucket already mounted there is
+# left alone, so running it again (another run, a restart) is harmless.
+hd_mount_command() {
+  local value bucket mnt seen=' '
+  for value in "$@"; do
+    [[ $value == gs://* ]] || continue
+    bucket=${value#gs://}
+    bucket=${bucket%%/*}
+    [[ $seen != *" $bucket "* ]] || continue
+    seen+="$bucket "
+    mnt=$HD_MOUNT_ROOT/$bucket
+    printf '%s' " if ! mountpoint -q $mnt; then sudo mkdir -p $mnt;" \
+      " sudo chown \"\$(id -u):\$(id -g)\" $mnt; gcsfuse $HD_GCSFUSE_FLAGS $bucket $mnt; fi;"
+  done
 }
 
 # Arguments after '--', each quoted for the remote shell, as one string (with a leading space).
@@ -335,18 +391,18 @@ hd_extra_words() {
   done
 }
 
+# Prepares --data on worker 0, writing through the mount.
 hd_prepare() {
-  local data
-  data=$(hd_local_data)
-  hd_ssh 0 "$(printf '%s' "set -euo pipefail; cd \"$HD_REMOTE_SRC\";" \
-    " \"$HD_REMOTE_VENV/bin/hybriddiff\" prepare --config=$HD_CONFIG --output=\"$data\"$(hd_extra_words);" \
-    " gcloud storage rsync --recursive \"$data\" $HD_DATA")"
+  hd_ssh 0 "$(printf '%s' "set -euo pipefail;$(hd_mount_command "$HD_DATA") cd \"$HD_REMOTE_SRC\";" \
+    " \"$HD_REMOTE_VENV/bin/hybriddiff\" prepare --config=$HD_CONFIG" \
+    " --output=$(hd_worker_path "$HD_DATA")$(hd_extra_words)")"
 }
 
 # The remote command that starts training on one host, detached, logging to a file per host.
 hd_train_command() {
   local pair logs=$HD_REMOTE_LOGS
-  local train="\"$HD_REMOTE_VENV/bin/hybriddiff\" train --config=$HD_CONFIG --workdir=$HD_WORKDIR"
+  local train="\"$HD_REMOTE_VENV/bin/hybriddiff\" train --config=$HD_CONFIG"
+  train+=" --workdir=$(hd_worker_path "$HD_WORKDIR")"
   printf '%s' "set -euo pipefail; md=$HD_METADATA;" \
     " id=\$(curl -sf -H Metadata-Flavor:Google \"\$md/agent-worker-number\" || echo 0);" \
     " hosts=\$(curl -sf -H Metadata-Flavor:Google \"\$md/worker-network-endpoints\"" \
@@ -358,9 +414,9 @@ hd_train_command() {
   printf '%s' " logs=\"$logs\"; mkdir -p \"\$logs\";" \
     " if [ -s \"\$logs/train.pid\" ] && kill -0 \"\$(cat \"\$logs/train.pid\")\" 2>/dev/null; then" \
     " echo \"worker \$id: training already runs (pid \$(cat \"\$logs/train.pid\"))\" >&2; exit 1; fi;"
+  hd_mount_command "$HD_WORKDIR" "$HD_DATA"
   if [[ -n $HD_DATA ]]; then
-    printf '%s' " gcloud storage rsync --recursive $HD_DATA \"$(hd_local_data)\";"
-    train+=" --config.data.prepared_dir=\"$(hd_local_data)\""
+    train+=" --config.data.prepared_dir=$(hd_worker_path "$HD_DATA")"
   fi
   train+=$(hd_extra_words)
   printf '%s' " cd \"$HD_REMOTE_SRC\";" \

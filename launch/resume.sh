@@ -6,7 +6,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-spec="name= zone= project= accelerator= version= spot preemptible repo= ref= tarball= python= config= workdir= data= env= dry-run help --"
+spec="name= zone= project= accelerator= version= spot preemptible repo= ref= tarball= python= config= workdir= data= env= mount-root= dry-run help --"
 help=$(hd_usage "$spec" \
   "Looks up the state of the TPU VM. PREEMPTED, TERMINATED, STOPPED or SUSPENDED: deletes it.
 Deleted or missing: creates it and runs the setup, with the same commands as create.sh and
@@ -22,10 +22,11 @@ hd_check_create
 hd_check_source
 hd_check_config
 hd_require workdir
-hd_check_gs workdir
+hd_check_storage workdir
 if [[ -n $HD_DATA ]]; then
-  hd_check_gs data
+  hd_check_storage data
 fi
+hd_check_mount_root
 hd_check_env
 
 if ((HD_DRY_RUN)); then

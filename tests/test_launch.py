@@ -230,13 +230,23 @@ def test_help(script):
         ("setup.sh", [*LOCATION, "--tarball=src.zip"], "--tarball=src.zip is not valid"),
         ("prepare.sh", [*LOCATION, "--data=gs://my-bucket/d"], "missing required option --config"),
         ("prepare.sh", [*LOCATION, "--config=configs/x.py"], "missing required option --data"),
-        ("prepare.sh", [*LOCATION, "--config=configs/x.py", "--data=/data/lm1b"],
-         "--data=/data/lm1b is not valid: expected a Cloud Storage URL"),
+        ("prepare.sh", [*LOCATION, "--config=configs/x.py", "--data=data/lm1b"],
+         "--data=data/lm1b is not valid: expected a Cloud Storage URL gs://BUCKET/PATH"),
+        ("prepare.sh", [*LOCATION, "--config=configs/x.py", "--data=gs://my-bucket/d",
+                        "--mount-root=mnt/gcs"],
+         "--mount-root=mnt/gcs is not valid: expected an absolute directory"),
         ("prepare.sh", [*LOCATION, "--config=configs/x.json", "--data=gs://my-bucket/d"],
          "--config=configs/x.json is not valid"),
         ("train.sh", [*LOCATION, "--config=configs/x.py"], "missing required option --workdir"),
         ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=runs/a"],
          "--workdir=runs/a is not valid"),
+        ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=s3://x"],
+         "--workdir=s3://x is not valid: expected a Cloud Storage URL gs://BUCKET/PATH (mounted "
+         "with gcsfuse on the workers) or an absolute path on the workers"),
+        ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=gs://my-bucket/../a"],
+         "--workdir=gs://my-bucket/../a must not contain '.' or '..' path components"),
+        ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=gs://my-bucket/a",
+                      "--mount-root=/mnt/../gcs"], "--mount-root=/mnt/../gcs is not valid"),
         ("train.sh", [*LOCATION, "--config=configs/../x.py", "--workdir=gs://my-bucket/a"],
          "--config=configs/../x.py must not contain '..'"),
         ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=gs://my-bucket/a",
@@ -247,6 +257,8 @@ def test_help(script):
          "missing required option --accelerator"),
         ("resume.sh", [*LOCATION, "--accelerator=v4-8", "--config=configs/x.py",
                        "--workdir=gs://my-bucket/a"], "missing required option --repo=URL"),
+        ("resume.sh", [*LOCATION, "--accelerator=v4-8", REPO_URL, "--config=configs/x.py",
+                       "--workdir=s3://x"], "--workdir=s3://x is not valid"),
         ("train.sh", [*LOCATION, "--config=configs/x.py", "--workdir=gs://my-bucket/a", "--",
                       "--config.seed=1", "--dry-run"],
          "--dry-run must come before '--' (what follows '--' goes to hybriddiff)"),
@@ -383,15 +395,111 @@ def test_resume_stops_on_other_states(state, message, fake_gcloud):
 
 
 # ----------------------------------------------------------------------------------------------
-# The remote commands, run on this machine with stand-ins for the TPU VM's tools.
+# Buckets: mounted with gcsfuse on the workers; the trainer gets the mounted paths.
+
+
+def _with_options(args: list[str], *options: str) -> list[str]:
+    """``args`` with ``options`` added before any '--'."""
+    split = args.index("--") if "--" in args else len(args)
+    return [*args[:split], *options, *args[split:]]
+
+
+def _mounts(command: str) -> list[tuple[str, str, str]]:
+    """(flags, bucket, mount point) of every gcsfuse call of a remote command, in order."""
+    return re.findall(r"gcsfuse ((?:--\S+ ?)*) (\S+) (\S+);", command)
+
+
+def _trainer_words(command: str) -> list[str]:
+    """The words of the `hybriddiff train` call of a remote train command."""
+    start = command.index("setsid nohup ") + len("setsid nohup ")
+    return shlex.split(command[start:command.index(" > ", start)])[1:]
+
+
+@pytest.mark.parametrize(
+    ("storage", "mounts", "workdir", "prepared_dir"),
+    [
+        (["--workdir=gs://my-bucket/runs/a", "--data=gs://my-bucket/data/lm1b"],
+         [("my-bucket", "/mnt/gcs/my-bucket")], "/mnt/gcs/my-bucket/runs/a",
+         "/mnt/gcs/my-bucket/data/lm1b"),
+        (["--workdir=gs://runs-bucket/r/", "--data=gs://data.bucket/d", "--mount-root=/gcs"],
+         [("runs-bucket", "/gcs/runs-bucket"), ("data.bucket", "/gcs/data.bucket")],
+         "/gcs/runs-bucket/r", "/gcs/data.bucket/d"),
+        (["--workdir=gs://my-bucket"], [("my-bucket", "/mnt/gcs/my-bucket")], "/mnt/gcs/my-bucket",
+         None),
+        (["--workdir=/mnt/nfs/runs/a", "--data=gs://my-bucket/d"],
+         [("my-bucket", "/mnt/gcs/my-bucket")], "/mnt/nfs/runs/a", "/mnt/gcs/my-bucket/d"),
+        (["--workdir=/mnt/nfs/runs/a", "--data=/mnt/nfs/data/lm1b"], [], "/mnt/nfs/runs/a",
+         "/mnt/nfs/data/lm1b"),
+    ],
+)
+def test_train_mounts_each_bucket_once_and_passes_mounted_paths(storage, mounts, workdir,
+                                                                prepared_dir):
+    (ssh,) = _gcloud_lines(_dry("train.sh", [*LOCATION, "--config=configs/lm1b_bd3.py", *storage]))
+    assert "--worker=all" in ssh  # every host mounts the buckets and trains
+    command = _remote_command(ssh)
+    found = _mounts(command)
+    assert [(bucket, point) for _, bucket, point in found] == mounts
+    for flags, _, point in found:
+        assert "--implicit-dirs" in flags.split()
+        assert f"if ! mountpoint -q {point}; then" in command  # skipped when already mounted
+        assert command.index(point) < command.index("setsid nohup")
+    expected = ["train", "--config=configs/lm1b_bd3.py", f"--workdir={workdir}"]
+    if prepared_dir:
+        expected.append(f"--config.data.prepared_dir={prepared_dir}")
+    assert _trainer_words(command) == expected
+    assert "gs://" not in command
+
+
+def test_prepare_mounts_the_data_bucket_on_worker_0_and_writes_through_it():
+    (ssh,) = _gcloud_lines(_dry("prepare.sh", _with_options(ARGS["prepare.sh"],
+                                                            "--mount-root=/data/gcs")))
+    assert "--worker=0" in ssh
+    command = _remote_command(ssh)
+    assert [(b, m) for _, b, m in _mounts(command)] == [("my-bucket", "/data/gcs/my-bucket")]
+    assert "--output=/data/gcs/my-bucket/data/lm1b" in shlex.split(command)
+    assert "gs://" not in command
+
+
+def test_setup_installs_gcsfuse_from_googles_apt_repository():
+    (ssh,) = _gcloud_lines(_dry("setup.sh", ARGS["setup.sh"]))
+    command = _remote_command(ssh)
+    assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" in command
+    assert re.search(r"apt-get [^;]*install -y [^;]*gcsfuse;", command)
+    assert command.index("gcsfuse") < command.index("pip install")
+
+
+# ----------------------------------------------------------------------------------------------
+# The remote commands, run on this machine with stand-ins for the TPU VM's tools. Every stand-in
+# appends what it was asked to do to $FAKE_CALLS; sudo runs its command as this user, except tee
+# (which records its input) and apt-get (recorded only), so nothing outside tmp_path is written.
 
 FAKE_CURL = """#!/usr/bin/env bash
 url=${!#}
 case $url in
   */agent-worker-number) [[ -n ${FAKE_WORKER_ID:-} ]] || exit 22; echo "$FAKE_WORKER_ID" ;;
   */worker-network-endpoints) [[ -n ${FAKE_ENDPOINTS:-} ]] || exit 22; echo "$FAKE_ENDPOINTS" ;;
+  https://packages.cloud.google.com/apt/doc/apt-key.gpg) echo "FAKE KEY" ;;
   *) exit 22 ;;
 esac
+"""
+FAKE_SUDO = """#!/usr/bin/env bash
+echo "sudo $*" >> "$FAKE_CALLS"
+case $1 in
+  tee) sed 's/^/  > /' >> "$FAKE_CALLS" ;;
+  apt-get) ;;
+  *) exec "$@" ;;
+esac
+"""
+FAKE_LSB_RELEASE = """#!/usr/bin/env bash
+[[ $1 == -cs ]] && echo jammy
+"""
+# gcsfuse "mounts" by leaving a marker that mountpoint finds; it fails without the mount point.
+FAKE_GCSFUSE = """#!/usr/bin/env bash
+echo "gcsfuse $*" >> "$FAKE_CALLS"
+touch "${!#}/.fake-mount"
+"""
+FAKE_MOUNTPOINT = """#!/usr/bin/env bash
+[[ $1 == -q && -e $2/.fake-mount ]]
 """
 FAKE_TRAINER = """#!/usr/bin/env python3
 import json, os, sys
@@ -410,9 +518,23 @@ def _remote_home(tmp_path: Path, fake_gcloud) -> tuple[dict, Path]:
     venv_bin = home / "hybriddiff-venv" / "bin"
     venv_bin.mkdir(parents=True)
     _write_executable(venv_bin / "hybriddiff", FAKE_TRAINER)
-    _write_executable(Path(env["PATH"].split(":")[0]) / "curl", FAKE_CURL)
-    env = dict(env, HOME=str(home), FAKE_TRAINER_OUT=str(tmp_path / "trainer.json"))
+    bin_dir = Path(env["PATH"].split(":")[0])
+    for name, text in (("curl", FAKE_CURL), ("sudo", FAKE_SUDO), ("lsb_release", FAKE_LSB_RELEASE),
+                       ("gcsfuse", FAKE_GCSFUSE), ("mountpoint", FAKE_MOUNTPOINT)):
+        _write_executable(bin_dir / name, text)
+    env = dict(env, HOME=str(home), FAKE_TRAINER_OUT=str(tmp_path / "trainer.json"),
+               FAKE_CALLS=str(tmp_path / "calls.txt"))
     return env, home
+
+
+def _calls(env: dict) -> list[str]:
+    path = Path(env["FAKE_CALLS"])
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _run_remote(command: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([BASH, "-c", command], capture_output=True, text=True, env=env,
+                          timeout=60)
 
 
 def _wait_for(path: Path) -> dict:
@@ -431,31 +553,35 @@ def _wait_for(path: Path) -> dict:
         ("", "", None),  # no TPU metadata: one process, worker 0
     ],
 )
-def test_remote_train_command_starts_the_trainer(tmp_path, fake_gcloud, worker_id, endpoints,
-                                                 hostnames):
+def test_remote_train_command_mounts_then_starts_the_trainer(tmp_path, fake_gcloud, worker_id,
+                                                            endpoints, hostnames):
     env, home = _remote_home(tmp_path, fake_gcloud)
     env.update(FAKE_WORKER_ID=worker_id, FAKE_ENDPOINTS=endpoints)
     env.pop("TPU_WORKER_ID", None)
     env.pop("TPU_WORKER_HOSTNAMES", None)
-    (ssh,) = _gcloud_lines(_dry("train.sh", ARGS["train.sh"]))
+    root = tmp_path / "mnt"
+    (ssh,) = _gcloud_lines(_dry("train.sh", _with_options(ARGS["train.sh"],
+                                                          f"--mount-root={root}")))
     command = _remote_command(ssh)
-    result = subprocess.run([BASH, "-c", command], capture_output=True, text=True, env=env,
-                            timeout=60)
+    result = _run_remote(command, env)
     assert result.returncode == 0, result.stderr
     worker = worker_id or "0"
     log = home / "hybriddiff-logs" / f"train-worker{worker}.log"
     assert f"worker {worker} (" in result.stdout and str(log) in result.stdout
+    mount = root / "my-bucket"
+    uid, gid = os.getuid(), os.getgid()
+    assert _calls(env) == [f"sudo mkdir -p {mount}", f"sudo chown {uid}:{gid} {mount}",
+                           f"gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket {mount}"]
+    assert (mount.stat().st_uid, mount.stat().st_gid) == (uid, gid)
     seen = _wait_for(tmp_path / "trainer.json")
-    data_dir = str(home / "hybriddiff-data" / "lm1b")
     assert seen["argv"] == ["train", "--config=configs/lm1b_bd3.py",
-                            "--workdir=gs://my-bucket/runs/a",
-                            f"--config.data.prepared_dir={data_dir}",
+                            f"--workdir={mount}/runs/a",
+                            f"--config.data.prepared_dir={mount}/data/lm1b",
                             "--config.train.batch_size=64", "--config.note=it's"]
     assert seen["cwd"] == str(home / "hybriddiff")
     assert seen["env"] == {"TPU_WORKER_ID": worker_id if hostnames else None,
                            "TPU_WORKER_HOSTNAMES": hostnames, "XLA_FLAGS": "--a --b"}
-    assert _logged(Path(env["FAKE_GCLOUD_LOG"])) == [
-        ["storage", "rsync", "--recursive", "gs://my-bucket/data/lm1b", data_dir]]
+    assert _logged(Path(env["FAKE_GCLOUD_LOG"])) == []  # no copies: all goes through the mount
     pid_file = home / "hybriddiff-logs" / "train.pid"
     assert pid_file.read_text().strip().isdigit()
     for _ in range(200):
@@ -466,54 +592,79 @@ def test_remote_train_command_starts_the_trainer(tmp_path, fake_gcloud, worker_i
 
     # A second start while the recorded process is alive is refused.
     pid_file.write_text(f"{os.getpid()}\n")
-    again = subprocess.run([BASH, "-c", command], capture_output=True, text=True, env=env,
-                           timeout=60)
+    again = _run_remote(command, env)
     assert again.returncode == 1
     assert f"worker {worker}: training already runs (pid {os.getpid()})" in again.stderr
 
+    # A restart after the run ended trains again without mounting the bucket a second time.
+    pid_file.unlink()
+    (tmp_path / "trainer.json").unlink()
+    restart = _run_remote(command, env)
+    assert restart.returncode == 0, restart.stderr
+    assert _wait_for(tmp_path / "trainer.json")["argv"] == seen["argv"]
+    assert [c for c in _calls(env) if c.startswith("gcsfuse")] == [
+        f"gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket {mount}"]
 
-def test_remote_prepare_command_prepares_then_uploads(tmp_path, fake_gcloud):
+
+def test_remote_prepare_command_mounts_then_prepares_into_the_bucket(tmp_path, fake_gcloud):
     env, home = _remote_home(tmp_path, fake_gcloud)
-    (ssh,) = _gcloud_lines(_dry("prepare.sh", ARGS["prepare.sh"]))
-    assert ssh[:7] == ["compute", "tpus", "tpu-vm", "ssh", "hd-test", "--zone=us-central2-b",
-                       "--worker=0"]
-    result = subprocess.run([BASH, "-c", _remote_command(ssh)], capture_output=True, text=True,
-                            env=env, timeout=60)
+    root = tmp_path / "mnt"
+    (ssh,) = _gcloud_lines(_dry("prepare.sh", _with_options(ARGS["prepare.sh"],
+                                                            f"--mount-root={root}")))
+    result = _run_remote(_remote_command(ssh), env)
     assert result.returncode == 0, result.stderr
-    data_dir = str(home / "hybriddiff-data" / "lm1b")
+    mount = root / "my-bucket"
+    assert _calls(env)[-1] == f"gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket {mount}"
     seen = _wait_for(tmp_path / "trainer.json")
-    assert seen["argv"] == ["prepare", "--config=configs/lm1b_bd3.py", f"--output={data_dir}",
-                            "--config.data.path=/mnt/raw data"]
+    assert seen["argv"] == ["prepare", "--config=configs/lm1b_bd3.py",
+                            f"--output={mount}/data/lm1b", "--config.data.path=/mnt/raw data"]
     assert seen["cwd"] == str(home / "hybriddiff")
-    assert _logged(Path(env["FAKE_GCLOUD_LOG"])) == [
-        ["storage", "rsync", "--recursive", data_dir, "gs://my-bucket/data/lm1b"]]
+    assert _logged(Path(env["FAKE_GCLOUD_LOG"])) == []
 
 
-def test_remote_setup_command_installs_from_the_tarball(tmp_path, fake_gcloud):
+def test_remote_setup_command_installs_gcsfuse_once_then_from_the_tarball(tmp_path, fake_gcloud):
     env, home = _remote_home(tmp_path, fake_gcloud)
+    bin_dir = Path(env["PATH"].split(":")[0])
+    (bin_dir / "gcsfuse").unlink()
+    if shutil.which("gcsfuse", path=env["PATH"]):
+        pytest.skip("gcsfuse is installed on this machine: the install step would be skipped")
     with tarfile.open(home / "hybriddiff-src.tar.gz", "w:gz") as archive:
         source = tmp_path / "setup.cfg"
         source.write_text("[metadata]\nname = hybriddiff\n")
         archive.add(source, arcname="setup.cfg")
     (home / "hybriddiff" / "stale.txt").write_text("old checkout")
-    calls = tmp_path / "calls.txt"
-    bin_dir = Path(env["PATH"].split(":")[0])
     # uv makes a venv whose python records its arguments.
-    _write_executable(bin_dir / "uv", f"""#!/usr/bin/env bash
-echo "uv $*" >> {calls}
-mkdir -p "${{!#}}/bin"
-printf '#!/usr/bin/env bash\\necho "python $*" >> {calls}\\n' > "${{!#}}/bin/python"
-chmod +x "${{!#}}/bin/python"
+    _write_executable(bin_dir / "uv", """#!/usr/bin/env bash
+echo "uv $*" >> "$FAKE_CALLS"
+mkdir -p "${!#}/bin"
+printf '#!/usr/bin/env bash\\necho "python $*" >> "$FAKE_CALLS"\\n' > "${!#}/bin/python"
+chmod +x "${!#}/bin/python"
 """)
     setup = [*LOCATION, "--tarball=src.tar.gz", "--python=3.11"]
     (ssh,) = _gcloud_lines(_dry("setup.sh", setup))[1:]
-    result = subprocess.run([BASH, "-c", _remote_command(ssh)], capture_output=True, text=True,
-                            env=env, timeout=60)
+    result = _run_remote(_remote_command(ssh), env)
     assert result.returncode == 0, result.stderr
     venv = home / "hybriddiff-venv"
-    assert calls.read_text().splitlines() == [
+    install = [
         f"uv venv --allow-existing --seed --python 3.11 {venv}",
         "python -m pip install -U jax[tpu]",
         f"python -m pip install -e {home / 'hybriddiff'}",
     ]
+    calls = _calls(env)
+    assert calls[-3:] == install
+    apt = calls[:-3]
+    assert apt[:4] == ["sudo tee /usr/share/keyrings/cloud.google.asc", "  > FAKE KEY",
+                       "sudo tee /etc/apt/sources.list.d/gcsfuse.list",
+                       "  > deb [signed-by=/usr/share/keyrings/cloud.google.asc] "
+                       "https://packages.cloud.google.com/apt gcsfuse-jammy main"]
+    assert [c.split()[:2] + c.split()[-1:] for c in apt[4:]] == [
+        ["sudo", "apt-get", "-q"], ["sudo", "apt-get", "gcsfuse"]]
+    assert "update" in apt[4].split() and "install" in apt[5].split()
     assert sorted(p.name for p in (home / "hybriddiff").iterdir()) == ["setup.cfg"]
+
+    # With gcsfuse installed, a rerun only updates hybriddiff.
+    _write_executable(bin_dir / "gcsfuse", FAKE_GCSFUSE)
+    Path(env["FAKE_CALLS"]).unlink()
+    rerun = _run_remote(_remote_command(ssh), env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _calls(env) == install

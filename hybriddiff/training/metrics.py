@@ -94,13 +94,19 @@ class MetricsWriter:
             return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
         self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        self._sync()
         for name, value in scalars.items():
             self._tensorboard.add_scalar(f"{split}/{name}", float(value), int(step))
 
+    def _sync(self) -> None:
+        """Flushes `metrics.jsonl` to the file system: a gcsfuse-mounted bucket uploads a file only
+        when it is fsynced or closed, so each record reaches the bucket when written."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
     def flush(self) -> None:
         if self.enabled:
-            self._handle.flush()
+            self._sync()
             self._tensorboard.flush()
 
     def close(self) -> None:

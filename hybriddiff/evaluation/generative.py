@@ -11,10 +11,11 @@
   judge's BOS is prepended, so the first token is scored too.
 * **Unigram entropy** ``H = -Σ_v p_v log p_v`` of each sample's token frequencies, averaged over
   samples (the diversity check of MDLM / seed 000 §4 tables).
-* **MAUVE** (Pillutla et al.) through the ``mauve-text`` package, when installed.
+* **MAUVE** (Pillutla et al.): :func:`hybriddiff.evaluation.huggingface.mauve_score`.
 
-Judges: :class:`ARJudge` (a hybriddiff ``quench`` run, offline) and :class:`HuggingFaceJudge`
-(a local ``transformers`` causal LM; needs ``transformers`` and ``torch``).
+Judges: :class:`ARJudge` (a hybriddiff ``quench`` run, offline) and
+:class:`~hybriddiff.evaluation.huggingface.HuggingFaceJudge` (a local ``transformers`` causal LM;
+needs ``transformers`` and ``torch``), re-exported here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hybriddiff.evaluation.huggingface import HuggingFaceJudge, mauve_score
 
 __all__ = [
     "ARJudge",
@@ -151,7 +154,8 @@ def generative_perplexity(judge: Judge, texts: Sequence[str], *, eos_id: int | N
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = row
         valid[i, :len(row)] = True
-    valid &= np.asarray(eos_mask(tokens, eos_id))
+    skip = len(prefix)  # the judge's BOS may be its EOS too (GPT-2's <|endoftext|>)
+    valid[:, skip:] &= np.asarray(eos_mask(tokens[:, skip:], eos_id))
     per_sample = []
     for start in range(0, len(rows), batch_size):
         chunk = slice(start, start + batch_size)
@@ -234,62 +238,3 @@ def _ar_log_probs(setup: Any, params: Any, tokens: Array) -> Array:
     with activate(setup.mesh, setup.rules):
         apply = core.make_apply_fn(setup, params, deterministic=True)
         return apply(tokens, positions, jnp.zeros(tokens.shape, jnp.float32), mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class HuggingFaceJudge:
-    """A local Hugging Face causal LM (e.g. a GPT-2 directory) as a judge; needs ``transformers``
-    and ``torch`` (``pip install transformers torch``)."""
-
-    path: str
-    model: Any = dataclasses.field(compare=False, repr=False)
-    tokenizer: Any = dataclasses.field(compare=False, repr=False)
-
-    @classmethod
-    def load(cls, path: str) -> HuggingFaceJudge:
-        """Loads the model and tokenizer in ``path`` (local files only)."""
-        try:
-            import torch  # noqa: F401
-            import transformers
-        except ImportError as error:
-            raise ImportError("a Hugging Face judge needs transformers and torch: "
-                              "pip install transformers torch") from error
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        return cls(path, model.eval(), tokenizer)
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model.config.max_position_embeddings)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.tokenizer.eos_token_id
-
-    def encode(self, text: str) -> Sequence[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            logits = self.model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits
-        return logits.float().log_softmax(-1).numpy()
-
-
-def mauve_score(p_texts: Sequence[str], q_texts: Sequence[str], *,
-                featurize_model_name: str = "gpt2", **options: Any) -> float:
-    """MAUVE between two text sets with the ``mauve-text`` package (``pip install mauve-text``),
-    on features of the local embedding model ``featurize_model_name``."""
-    try:
-        import mauve
-    except ImportError as error:
-        raise ImportError("mauve_score needs the mauve-text package (pip install mauve-text, "
-                          "with torch and transformers for its featurizer)") from error
-    out = mauve.compute_mauve(p_text=list(p_texts), q_text=list(q_texts),
-                              featurize_model_name=featurize_model_name, **options)
-    return float(out.mauve)

@@ -31,16 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybriddiff.evaluation.huggingface import HuggingFaceJudge, mauve_score
-
 __all__ = [
     "ARJudge",
     "GenPPLResult",
-    "HuggingFaceJudge",
     "Judge",
     "eos_mask",
     "generative_perplexity",
-    "mauve_score",
     "score_tokens",
     "unigram_entropy",
     "window_plan",

@@ -21,11 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from hybriddiff.evaluation import generative
+from hybriddiff.evaluation import generative, huggingface
 from hybriddiff.sampling.categorical import CategoricalConfig
 from hybriddiff.sampling.drive import RestoredRun, restore_run, reverse_step, sample
 
-__all__ = ["evaluate_run", "generate_samples", "sample_run", "write_jsonl", "zero_shot_data"]
+__all__ = ["evaluate_run", "generate_samples", "reference_texts", "sample_run", "write_jsonl",
+           "zero_shot_data"]
 
 _SPLITS = ("train", "validation")
 
@@ -128,18 +129,14 @@ def zero_shot_data(run: RestoredRun, data: Mapping[str, Any], *, progress: bool 
                         tokenizer=run.tokenizer)
 
 
-def _bound(run: RestoredRun, split: str, num_batches: int | None,
-           data: Mapping[str, Any] | None = None) -> dict[str, float]:
+def _bound(run: RestoredRun, prepared: Any, split: str, num_batches: int | None
+           ) -> dict[str, float]:
     from hybriddiff.training import core
-    from hybriddiff.training.loop import Evaluator, ensure_prepared, make_pipelines
+    from hybriddiff.training.loop import Evaluator, make_pipelines
 
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got split={split!r}")
     num_batches = _positive("num_batches", run.config.train.eval_batches if num_batches is None
                             else num_batches)
     setup = run.setup
-    prepared = (ensure_prepared(run.config, run.workdir, progress=False) if data is None
-                else zero_shot_data(run, data))
     rows = core.batch_sharding(setup).spec[0]
     batch_axes = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
     pipelines = make_pipelines(run.config, prepared, setup.mesh, batch_axes)
@@ -151,29 +148,55 @@ def _bound(run: RestoredRun, split: str, num_batches: int | None,
     return {"nll_per_token": bound["nll"], "perplexity_bound": bound["ppl"], "num_tokens": tokens}
 
 
+def reference_texts(run: RestoredRun, prepared: Any, split: str, count: int) -> list[str]:
+    """``count`` rows of a prepared split, evenly spaced, decoded up to their first EOS like the
+    samples (the human side of MAUVE)."""
+    from hybriddiff.data import PackedRows, TokenStore
+    from hybriddiff.training.loop import SPLIT_DIRS
+
+    store = TokenStore(getattr(prepared, f"{'train' if split == 'train' else 'validation'}_dir"))
+    rows = PackedRows(store, run.config.data.seq_len,
+                      bos_eos_framing=bool(run.config.data.bos_eos_framing))
+    if len(rows) < count:
+        raise ValueError(f"the {split} split ({SPLIT_DIRS[split]}) has {len(rows)} rows, fewer than "
+                         f"the {count} samples MAUVE compares with")
+    tokens = rows.rows(np.linspace(0, len(rows) - 1, count).round().astype(np.int64))
+    valid = np.asarray(generative.eos_mask(tokens, run.tokenizer.eos_id))
+    return [run.tokenizer.decode(row[keep]) for row, keep in zip(tokens, valid)]
+
+
 def _judge(judge_workdir: str | None, judge_hf: str | None) -> Any:
     if judge_workdir and judge_hf:
         raise ValueError("give one judge: judge_workdir or judge_hf, not both")
     if judge_hf:
-        return generative.HuggingFaceJudge.load(judge_hf)
+        return huggingface.HuggingFaceJudge.load(judge_hf)
     return generative.ARJudge.from_workdir(judge_workdir)
 
 
 def evaluate_run(workdir: str | Path, *, split: str = "validation", num_batches: int | None = None,
                  data: Mapping[str, Any] | None = None, gen_ppl: bool = False,
                  entropy: bool = False, judge_workdir: str | None = None,
-                 judge_hf: str | None = None, **sampling: Any) -> dict[str, Any]:
+                 judge_hf: str | None = None, mauve_featurizer: str | None = None,
+                 **sampling: Any) -> dict[str, Any]:
     """``{nll_per_token, perplexity_bound, num_tokens}`` of the run's bound on ``split`` (of the
     run's data, or zero-shot of ``data``: overrides of the data config, :func:`zero_shot_data`),
-    plus ``gen_ppl`` (with ``gen_nll_per_token``, ``gen_num_tokens``) under the judge and
-    ``entropy`` (mean unigram entropy, nats) of fresh samples when asked (``sampling``: options of
+    plus, for fresh samples when asked, ``gen_ppl`` (with ``gen_nll_per_token``,
+    ``gen_num_tokens``) under the judge, ``entropy`` (mean unigram entropy, nats), and ``mauve`` /
+    ``mauve_star`` against as many rows of ``split`` (:func:`reference_texts`) on the features of
+    the local Hugging Face model directory ``mauve_featurizer`` (``sampling``: options of
     :func:`generate_samples`)."""
+    from hybriddiff.training.loop import ensure_prepared
+
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got split={split!r}")
     run = restore_run(workdir)
+    prepared = (ensure_prepared(run.config, run.workdir, progress=False) if data is None
+                else zero_shot_data(run, data))
     result: dict[str, Any] = {"split": split, "checkpoint_step": run.step, "ema": run.ema,
-                              **_bound(run, split, num_batches, data)}
+                              **_bound(run, prepared, split, num_batches)}
     if data is not None:
         result["data"] = dict(data)
-    if not (gen_ppl or entropy):
+    if not (gen_ppl or entropy or mauve_featurizer):
         return result
     judge = _judge(judge_workdir, judge_hf) if gen_ppl else None
     tokens, _ = generate_samples(run, **sampling)
@@ -183,10 +206,15 @@ def evaluate_run(workdir: str | Path, *, split: str = "validation", num_batches:
         per_sample = generative.unigram_entropy(tokens, run.setup.objective.process.num_tokens,
                                                 valid)
         result["entropy"] = float(np.mean(np.asarray(per_sample)))
+    texts = [run.tokenizer.decode(row[keep]) for row, keep in zip(tokens, valid)]
     if gen_ppl:
-        texts = [run.tokenizer.decode(row[keep]) for row, keep in zip(tokens, valid)]
         ended = [bool(np.any(row == eos)) for row in tokens]
         scored = generative.generative_perplexity(judge, texts, eos_id=judge.eos_id, ended=ended)
         result.update(gen_ppl=scored.perplexity, gen_nll_per_token=scored.nll_sum
                       / max(scored.num_tokens, 1), gen_num_tokens=scored.num_tokens)
+    if mauve_featurizer:
+        human = reference_texts(run, prepared, split, len(texts))
+        compared = huggingface.mauve_score(human, texts, featurizer=mauve_featurizer)
+        result.update(mauve=compared.mauve, mauve_star=compared.mauve_star,
+                      mauve_num_buckets=compared.num_buckets)
     return result

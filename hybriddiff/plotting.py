@@ -3,6 +3,8 @@
 Every function is pure: it draws into a new ``matplotlib.figure.Figure`` (or into the ``ax`` /
 ``fig`` it is given) and returns the figure, without touching pyplot's global state, so it works
 headless (the Agg canvas renders PNGs) and in notebooks alike. ``save_png(fig, path)`` writes one.
+A bare ``Figure`` is displayed inline by a notebook only under ``%matplotlib inline`` (the default
+in Colab; a kernel started with ``MPLBACKEND=Agg`` shows it as text otherwise).
 
 * ``plot_hyperschedule``: the heat map of seed 000 Fig. 2, generation step ``t`` (rows, top to
   bottom) by position ``i`` (columns), colour ``tau[t, i] / num_levels`` (= diffusion time u, red

@@ -239,3 +239,21 @@ def test_zero_shot_bound_on_another_source(runs: dict[str, Path]) -> None:
     assert len(prepared) == 1 and prepared[0].name.startswith("text-")
     with pytest.raises(ValueError, match=r"zero-shot data keys must be among .* got \['seq_len'\]"):
         runs_lib.evaluate_run(runs["gamma"], num_batches=1, data={"seq_len": 64})
+
+
+def test_restore_raw_parameters_and_unmasking_options(block_run: Path,
+                                                      runs: dict[str, Path]) -> None:
+    raw = drive.restore_run(block_run, ema=False)
+    saved = train_runs.read_state(block_run, 2)
+    assert not raw.ema
+    first = jax.tree_util.tree_leaves(raw.params)[0]
+    assert any(np.array_equal(np.asarray(first), value) for key, value in saved.items()
+               if key.startswith("['params']"))
+    with pytest.raises(ValueError, match="ema=True but workdir=.* keeps no EMA"):
+        drive.restore_run(runs["gamma"], ema=True)
+    step = drive.reverse_step(raw.setup, "threshold", threshold=0.5, block_width=16)
+    assert step.config.threshold == 0.5 and step.config.block_width == 16
+    with pytest.raises(ValueError, match=r"unmasking options \['threshold'\] apply to the unmasking"):
+        drive.reverse_step(raw.setup, "acs", threshold=0.5)
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        drive.reverse_step(raw.setup, "threshold", threshold=2.0)

@@ -105,9 +105,10 @@ class RestoredRun:
         return core.bind_model(self.setup, self.params)
 
 
-def restore_run(workdir: str | Path) -> RestoredRun:
+def restore_run(workdir: str | Path, *, ema: bool | None = None) -> RestoredRun:
     """Reads ``<workdir>/config.json``, the prepared data's tokenizer and the newest readable
-    checkpoint. Raises FileNotFoundError naming what is missing."""
+    checkpoint: the EMA parameters when ``ema`` (default: when the run keeps an EMA), else the raw
+    ones. Raises FileNotFoundError naming what is missing."""
     from hybriddiff.training import core
     from hybriddiff.training.checkpoint import load_params
     from hybriddiff.training.loop import CONFIG_FILE, SPLIT_DIRS, prepared_root
@@ -124,7 +125,11 @@ def restore_run(workdir: str | Path) -> RestoredRun:
     mesh = make_mesh(tuple(config.mesh.shape))
     setup = core.build(config, mesh, vocab_size=manifest.vocab_size)
     abstract = core.abstract_train_state(setup, mesh)
-    use_ema = float(config.train.ema_decay) > 0
+    kept = float(config.train.ema_decay) > 0
+    use_ema = kept if ema is None else bool(ema)
+    if use_ema and not kept:
+        raise ValueError(f"ema=True but workdir={str(workdir)!r} keeps no EMA "
+                         "(train.ema_decay=0)")
     name = "ema" if use_ema else "params"
     loaded = load_params(workdir, {name: getattr(abstract, name), "step": abstract.step})
     return RestoredRun(workdir=workdir, config=config, setup=setup, params=loaded[name],
@@ -132,8 +137,12 @@ def restore_run(workdir: str | Path) -> RestoredRun:
 
 
 def reverse_step(setup: Any, sampler: str, *, eta: float = 0.0,
-                 sampling: CategoricalConfig = CategoricalConfig()) -> ReverseStep:
-    """The reverse step named ``sampler`` (module docstring) for the model of ``setup``."""
+                 sampling: CategoricalConfig = CategoricalConfig(),
+                 **unmasking: Any) -> ReverseStep:
+    """The reverse step named ``sampler`` (module docstring) for the model of ``setup``;
+    ``unmasking``: fields of :class:`UnmaskingConfig` (``threshold``, ``factor``,
+    ``entropy_bound``, ``position_decay``, ``confidence_clip``, ``block_width``) for the unmasking
+    strategies."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got sampler={sampler!r}")
     objective = setup.objective
@@ -143,13 +152,16 @@ def reverse_step(setup: Any, sampler: str, *, eta: float = 0.0,
                                                             if s not in _SCORE_SAMPLERS)
         raise ValueError(f"sampler={sampler!r} does not apply to a loss.kind="
                          f"{objective.loss_kind!r} model; use one of {allowed}")
+    if unmasking and sampler in ("ancestral", "analytic", "acs"):
+        raise ValueError(f"unmasking options {sorted(unmasking)} apply to the unmasking "
+                         f"strategies only, not to sampler={sampler!r}")
     if sampler == "analytic":
         return AnalyticReverse(objective.process, sampling)
     if sampler == "ancestral":
         return MDLMReverse(sampling)
     if sampler == "acs":
         return ACSReverse(float(eta), sampling)
-    return UnmaskReverse(UnmaskingConfig(strategy=sampler), sampling)
+    return UnmaskReverse(UnmaskingConfig(strategy=sampler, **unmasking), sampling)
 
 
 def inference_hyperschedule(setup: Any, num_levels: int | None = None

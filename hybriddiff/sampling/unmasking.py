@@ -198,9 +198,14 @@ def prediction_entropy(log_probs: Array) -> Array:
 
 
 def top_two_margin(log_probs: Array) -> Array:
-    """``p_i(v₁) - p_i(v₂)``: the top-two probability margin, ``[..., L]`` (needs N >= 2)."""
-    top = jax.lax.top_k(jnp.exp(jnp.asarray(log_probs)), 2)[0]
-    return top[..., 0] - top[..., 1]
+    """``p_i(v₁) - p_i(v₂)``: the top-two probability margin, ``[..., L]`` (needs N >= 2). Two
+    reductions (the max, then the max with the arg-max removed) rather than ``lax.top_k``, which is
+    an order of magnitude slower on CPU; ties give margin 0 either way."""
+    probs = jnp.exp(jnp.asarray(log_probs))  # [..., L, N]
+    first = jnp.max(probs, axis=-1)
+    best = jnp.argmax(probs, axis=-1)[..., None] == jnp.arange(probs.shape[-1])
+    second = jnp.max(jnp.where(best, -jnp.inf, probs), axis=-1)
+    return first - second
 
 
 def pc_log_scores(

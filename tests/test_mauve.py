@@ -17,21 +17,11 @@ pytest.importorskip("transformers")
 
 from pydoc_data.topics import topics  # noqa: E402
 from scipy import integrate  # noqa: E402
-from test_hf_judge import build_tiny_gpt2  # noqa: E402
+from tiny_gpt2 import offline, tiny  # noqa: E402,F401 (fixtures)
 
 from hybriddiff.evaluation import featurize_texts, mauve_score  # noqa: E402
 
 QUANTISE = {"kmeans_num_redo": 2, "kmeans_max_iter": 100}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def gaussians(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

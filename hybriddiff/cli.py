@@ -6,14 +6,27 @@ Commands:
   `hybriddiff.training.loop.train`); SIGTERM saves a checkpoint and exits with status 0.
 - `prepare (--workdir=W | --output=DIR)`: tokenizes the configured data once, into `DIR`, or into
   `data.prepared_dir` / `W/data` where `train` looks for it.
-- `sample --workdir=W [--num_samples --batch_size --sampler --steps --precision --seed --eta
+- `sample --workdir=W [--num_samples --batch_size --sampler --steps --precision --temperature
+  --seed --eta --prompt=TEXT --infill=POS:TEXT ... --max_length=N --ema|--noema
   --output=FILE.jsonl]`: generates from the newest checkpoint of a run (EMA parameters when it
-  keeps an EMA) with the driver of its hyperschedule; one JSON line per sample (default
-  `W/samples.jsonl`). Needs no --config: the run's `config.json` is used.
-- `eval --workdir=W [--split --num_batches --gen_ppl --entropy --judge_workdir=J | --judge_hf=DIR
-  --output=FILE.json]`: the negative-ELBO bound on a split, and optionally the generative
-  perplexity of fresh samples under a judge and their unigram entropy; prints and writes JSON
-  (default `W/eval.json`).
+  keeps an EMA) with the driver of its hyperschedule, drawing tokens in float64 unless
+  `--precision=float32`; one JSON line per sample (default `W/samples.jsonl`). Needs no
+  --config: the run's `config.json` is used.
+- `eval --workdir=W [--split --num_batches --data_source=S --data_path=P --data_dir=D --gen_ppl
+  --entropy --judge_workdir=J | --judge_hf=DIR --mauve_featurizer=DIR --output=FILE.json and the
+  sampling flags]`: the negative-ELBO bound on a split of the run's data, or zero-shot on another
+  source; optionally the generative perplexity of fresh samples under a judge, their unigram
+  entropy and MAUVE against the split; prints and writes JSON (default `W/eval.json`).
+- `demo [--workdir=W --quick --noprogress]`: trains two small ε-hybrid models (flat and block
+  hyperschedules, `configs/demo_{flat,block}.py`) on the Python reference text that ships with
+  CPython, prints samples of the ancestral and ACS samplers and the validation perplexity bounds,
+  and writes figures to `W/plots` (default `W = workdirs/demo`, `workdirs/demo_quick` with
+  `--quick`, a few-step version for smoke tests); see `hybriddiff.demo`. Needs no --config; run
+  again, it resumes.
+- `plot (--config=configs/x.py --output=DIR | --workdir=W [--output=DIR])`: writes PNG figures
+  and prints their paths: for a config, its hyperschedule heat map and training attention
+  layout; for a trained run, also its training curves and the denoising trajectory of one
+  sample (default `W/plots`).
 
 Configs are `ml_collections` files whose `get_config()` builds on `configs/base.py`; any key can be
 overridden on the command line, e.g. `--config.data.path=../shared/data/shakespeare/
@@ -40,10 +53,11 @@ from ml_collections import config_flags
 
 _log = logging.getLogger(__name__)
 
-COMMANDS = ("train", "prepare", "sample", "eval")
+COMMANDS = ("train", "prepare", "sample", "eval", "demo", "plot")
 _RUN_COMMANDS = ("sample", "eval")  # read the config from the workdir
 USAGE = (f"usage: hybriddiff {{{','.join(COMMANDS)}}} --config=configs/x.py [--config.key=value ...] "
-         "(--workdir=DIR | --output=DIR) [flags]  (sample and eval: --workdir=DIR only)")
+         "(--workdir=DIR | --output=DIR) [flags]  (sample and eval: --workdir=DIR only; demo: "
+         "[--workdir=DIR --quick]; plot: --config=configs/x.py --output=DIR or --workdir=DIR)")
 _LOG_FORMAT = "%(levelname).1s%(asctime)s %(name)s] %(message)s"
 
 
@@ -56,7 +70,7 @@ class _Flags:
     """The parsed command line."""
 
     command: str
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict | None  # None: demo, and plot without --config
     workdir: str | None
     output: str | None
     progress: bool
@@ -80,7 +94,8 @@ def _parse(argv: Sequence[str]) -> _Flags:
     output = flags.DEFINE_string("output", None, "prepare: write the prepared data here instead of "
                                  "data.prepared_dir or <workdir>/data; sample: the JSONL file "
                                  "(default <workdir>/samples.jsonl); eval: the JSON file (default "
-                                 "<workdir>/eval.json).", flag_values=values)
+                                 "<workdir>/eval.json); plot: the folder of the figures (default "
+                                 "<workdir>/plots).", flag_values=values)
     progress = flags.DEFINE_bool("progress", True, "Show progress bars (process 0 only).",
                                  flag_values=values)
     verbose = flags.DEFINE_bool("verbose", False, "Also show debug logs and the libraries' INFO logs.",
@@ -94,6 +109,9 @@ def _parse(argv: Sequence[str]) -> _Flags:
     distributed = flags.DEFINE_bool("distributed", False, "Multi-host: let JAX detect the cluster even "
                                     "when the environment shows no known launcher.", flag_values=values)
     _define_run_flags(values)
+    quick = flags.DEFINE_bool("quick", False, "demo: a few steps of tiny models (under a minute on a "
+                              "CPU), in workdirs/demo_quick unless --workdir is given.",
+                              flag_values=values)
     if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
         print(f"{__doc__}\n{USAGE}\n\n{values.get_help()}")
         raise SystemExit(0)
@@ -110,7 +128,19 @@ def _parse(argv: Sequence[str]) -> _Flags:
                       output=output.value, progress=progress.value, verbose=verbose.value,
                       coordinator_address="", num_processes=None, process_id=None,
                       distributed=False, options={name: values[name].value for name in _RUN_FLAGS})
+    if rest[0] == "demo":
+        if config.value is not None:
+            raise UserError("demo takes no --config: it trains configs/demo_flat.py and "
+                            "configs/demo_block.py")
+        return _Flags(command="demo", config=None, workdir=workdir.value, output=output.value,
+                      progress=progress.value, verbose=verbose.value, coordinator_address="",
+                      num_processes=None, process_id=None, distributed=False,
+                      options={"quick": quick.value})
     if config.value is None:
+        if rest[0] == "plot":
+            return _Flags(command="plot", config=None, workdir=workdir.value, output=output.value,
+                          progress=progress.value, verbose=verbose.value, coordinator_address="",
+                          num_processes=None, process_id=None, distributed=False)
         raise UserError("--config=configs/x.py is required")
     if not isinstance(config.value, ml_collections.ConfigDict):  # the file failed to load
         try:
@@ -124,7 +154,11 @@ def _parse(argv: Sequence[str]) -> _Flags:
 
 
 _RUN_FLAGS = ("num_samples", "batch_size", "sampler", "steps", "precision", "temperature", "seed",
-              "eta", "split", "num_batches", "gen_ppl", "entropy", "judge_workdir", "judge_hf")
+              "eta", "prompt", "infill", "max_length", "ema", "split", "num_batches", "gen_ppl",
+              "entropy", "judge_workdir", "judge_hf", "mauve_featurizer", "data_source",
+              "data_path", "data_dir")
+_SAMPLING_FLAGS = ("num_samples", "batch_size", "sampler", "steps", "precision", "temperature",
+                   "seed", "eta", "prompt", "max_length")
 
 
 def _define_run_flags(values: flags.FlagValues) -> None:
@@ -137,12 +171,23 @@ def _define_run_flags(values: flags.FlagValues) -> None:
                         flag_values=values)
     flags.DEFINE_integer("steps", None, "sample/eval: noise levels of the hyperschedule (default: "
                          "hyperschedule.num_levels of the run).", flag_values=values)
-    flags.DEFINE_string("precision", "float32", "sample/eval: token draws in float32, "
-                        "float32_high or float64.", flag_values=values)
+    flags.DEFINE_string("precision", "float64", "sample/eval: token draws in float64 (exact "
+                        "Gumbel tails, the default for evaluation), float32_high or float32 (the "
+                        "fast path).", flag_values=values)
     flags.DEFINE_float("temperature", 1.0, "sample/eval: sampling temperature.", flag_values=values)
     flags.DEFINE_integer("seed", 0, "sample/eval: sampling seed.", flag_values=values)
     flags.DEFINE_float("eta", 0.0, "sample/eval: correction intensity of --sampler=acs.",
                        flag_values=values)
+    flags.DEFINE_string("prompt", "", "sample/eval: text every sample continues (tokenized with "
+                        "the run's tokenizer; after BOS when the run frames rows).",
+                        flag_values=values)
+    flags.DEFINE_multi_string("infill", [], "sample/eval: POS:TEXT fixes TEXT from token position "
+                              "POS on (repeat the flag for several spans).", flag_values=values)
+    flags.DEFINE_integer("max_length", None, "sample/eval: BD3-LM arbitrary-length generation up to "
+                         "this many tokens, stopping at EOS (ALIGNED block runs).",
+                         flag_values=values)
+    flags.DEFINE_bool("ema", None, "sample/eval: the EMA parameters (--ema) or the raw ones "
+                      "(--noema); default: the EMA when the run keeps one.", flag_values=values)
     flags.DEFINE_string("split", "validation", "eval: split of the bound (train or validation).",
                         flag_values=values)
     flags.DEFINE_integer("num_batches", None, "eval: batches of the bound (default "
@@ -155,6 +200,16 @@ def _define_run_flags(values: flags.FlagValues) -> None:
                         flag_values=values)
     flags.DEFINE_string("judge_hf", None, "eval: a local Hugging Face causal LM directory as the "
                         "judge (needs transformers and torch).", flag_values=values)
+    flags.DEFINE_string("mauve_featurizer", None, "eval: MAUVE of --num_samples samples against as "
+                        "many rows of --split, on the features of this local Hugging Face model "
+                        "directory (needs transformers, torch and mauve-text).", flag_values=values)
+    flags.DEFINE_string("data_source", None, "eval: the bound zero-shot on another source (text, "
+                        "openwebtext, lm1b, tfds:NAME or pydoc) tokenized with the run's tokenizer.",
+                        flag_values=values)
+    flags.DEFINE_string("data_path", None, "eval: the local files of --data_source (text, "
+                        "openwebtext).", flag_values=values)
+    flags.DEFINE_string("data_dir", None, "eval: the TFDS data_dir of --data_source.",
+                        flag_values=values)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -202,7 +257,8 @@ def _sample(parsed: _Flags) -> None:
 
     if not parsed.workdir:
         raise UserError("sample needs --workdir")
-    records = sample_run(parsed.workdir, **_sampling_options(parsed.options))
+    records = sample_run(parsed.workdir, ema=parsed.options["ema"],
+                         **_sampling_options(parsed.options))
     path = parsed.output or f"{parsed.workdir}/samples.jsonl"
     write_jsonl(path, records)
     print(f"wrote {len(records)} samples to {path}")
@@ -221,7 +277,8 @@ def _eval(parsed: _Flags) -> None:
     result = evaluate_run(parsed.workdir, split=o["split"], num_batches=o["num_batches"],
                           gen_ppl=o["gen_ppl"], entropy=o["entropy"],
                           judge_workdir=o["judge_workdir"], judge_hf=o["judge_hf"],
-                          **_sampling_options(o))
+                          mauve_featurizer=o["mauve_featurizer"], data=_zero_shot(o),
+                          ema=o["ema"], **_sampling_options(o))
     text = json.dumps(result, indent=2, sort_keys=True)
     path = parsed.output or f"{parsed.workdir}/eval.json"
     with open(path, "w", encoding="utf-8") as file:
@@ -229,9 +286,62 @@ def _eval(parsed: _Flags) -> None:
     print(text)
 
 
+def _demo(parsed: _Flags) -> None:
+    from hybriddiff.demo import format_report, run_demo
+
+    if parsed.output:
+        raise UserError("demo takes no --output: it writes its figures to <workdir>/plots")
+    result = run_demo(parsed.workdir, quick=parsed.options["quick"], progress=parsed.progress)
+    print(format_report(result))
+
+
+def _plot(parsed: _Flags) -> None:
+    from hybriddiff.demo import write_config_plots, write_run_plots
+
+    if parsed.config is not None and parsed.workdir:
+        raise UserError("plot takes --config or --workdir, not both")
+    if parsed.config is not None:
+        if not parsed.output:
+            raise UserError("plot --config needs --output=DIR")
+        paths = write_config_plots(parsed.config, parsed.output)
+    elif parsed.workdir:
+        paths = write_run_plots(parsed.workdir, parsed.output)
+    else:
+        raise UserError("plot needs --config=configs/x.py with --output=DIR, or --workdir=DIR")
+    for path in paths:
+        print(path)
+
+
+def _infill(specs: Sequence[str]) -> dict[int, str]:
+    """``--infill=POS:TEXT`` flags as ``{POS: TEXT}``."""
+    spans: dict[int, str] = {}
+    for spec in specs:
+        position, sep, text = spec.partition(":")
+        if not sep or not position.strip().isdigit() or not text:
+            raise UserError(f"--infill={spec!r} is not POS:TEXT (a token position, a colon and "
+                            "non-empty text)")
+        if int(position) in spans:
+            raise UserError(f"--infill gives position {int(position)} twice")
+        spans[int(position)] = text
+    return spans
+
+
 def _sampling_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {name: options[name] for name in ("num_samples", "batch_size", "sampler", "steps",
-                                             "precision", "temperature", "seed", "eta")}
+    """The keyword arguments of ``runs.generate_samples``."""
+    chosen = {name: options[name] for name in _SAMPLING_FLAGS}
+    chosen["infill"] = _infill(options["infill"])
+    return chosen
+
+
+def _zero_shot(options: dict[str, Any]) -> dict[str, str] | None:
+    """``--data_source/--data_path/--data_dir`` as ``evaluate_run(data=...)``."""
+    given = {key: options[f"data_{key}"] for key in ("source", "path", "dir")
+             if options[f"data_{key}"] is not None}
+    if not given:
+        return None
+    if "source" not in given:
+        raise UserError("--data_path and --data_dir need --data_source")
+    return {("data_dir" if key == "dir" else key): value for key, value in given.items()}
 
 
 def run(argv: Sequence[str] | None = None, *, configure_logging: bool = False) -> int:
@@ -246,7 +356,8 @@ def run(argv: Sequence[str] | None = None, *, configure_logging: bool = False) -
     if configure_logging:
         _configure_logging(parsed.verbose)
     try:
-        {"train": _train, "prepare": _prepare, "sample": _sample, "eval": _eval}[parsed.command](parsed)
+        {"train": _train, "prepare": _prepare, "sample": _sample, "eval": _eval, "demo": _demo,
+         "plot": _plot}[parsed.command](parsed)
     except (UserError, ValueError, FileNotFoundError, ImportError) as error:
         _log.debug("%s failed", parsed.command, exc_info=True)
         print(f"hybriddiff {parsed.command}: error: {error}", file=sys.stderr)

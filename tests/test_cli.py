@@ -30,9 +30,9 @@ def test_help_lists_commands_and_flags(capsys: pytest.CaptureFixture[str]) -> No
 
 
 @pytest.mark.parametrize("args, message", [
-    ((), "expected one command from ('train', 'prepare', 'sample', 'eval'), got []"),
+    ((), "expected one command from ('train', 'prepare', 'sample', 'eval', 'demo', 'plot'), got []"),
     (("predict", f"--config={CONFIG}"),
-     "expected one command from ('train', 'prepare', 'sample', 'eval'), got ['predict']"),
+     "expected one command from ('train', 'prepare', 'sample', 'eval', 'demo', 'plot'), got ['predict']"),
     (("train", "--workdir=w"), "--config=configs/x.py is required"),
     (("train", "--config=missing.py", "--workdir=w"), "cannot load --config='missing.py'"),
     (("train", f"--config={CONFIG}", "--config.train.nope=1"), "invalid --config override"),

@@ -141,6 +141,15 @@ def test_reverse_step_rejects_unknown_and_mismatched_samplers(runs: dict[str, Pa
     (("eval", "--workdir={gamma}", "--gen_ppl", "--judge_workdir={gamma}", "--num_batches=1"),
      "a judge must be an autoregressive run"),
     (("eval", "--workdir={gamma}", "--split=test"), "split must be one of"),
+    (("sample", "--workdir={gamma}", "--infill=world"), "--infill='world' is not POS:TEXT"),
+    (("sample", "--workdir={gamma}", "--infill=x:world"), "--infill='x:world' is not POS:TEXT"),
+    (("sample", "--workdir={gamma}", "--infill=3:"), "--infill='3:' is not POS:TEXT"),
+    (("sample", "--workdir={gamma}", "--infill=3:a", "--infill=3:b"), "gives position 3 twice"),
+    (("sample", "--workdir={gamma}", "--ema"), "ema=True but workdir="),
+    (("sample", "--workdir={gamma}", "--precision=float16"), "float16"),
+    (("eval", "--workdir={gamma}", "--data_path=x"), "--data_path and --data_dir need --data_source"),
+    (("eval", "--workdir={gamma}", "--data_source=text"), "data.path='' must name local files for data.source='text'"),
+    (("eval", "--workdir={gamma}", "--data_source=wiki"), "data.source='wiki' is not one of"),
 ])
 def test_error_paths_exit_1(runs: dict[str, Path], capsys: pytest.CaptureFixture[str],
                             tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -157,11 +166,13 @@ def test_error_paths_exit_1(runs: dict[str, Path], capsys: pytest.CaptureFixture
 def test_command_line_lists_sample_and_eval(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "predict")
     assert code == 2
-    assert "expected one command from ('train', 'prepare', 'sample', 'eval'), got ['predict']" in err
+    assert ("expected one command from ('train', 'prepare', 'sample', 'eval', 'demo', 'plot'), "
+            "got ['predict']") in err
     with pytest.raises(SystemExit):
         cli.run(["hybriddiff", "--help"])
     text = capsys.readouterr().out
-    for word in ("sample --workdir", "eval --workdir", "--sampler", "--judge_workdir", "--gen_ppl"):
+    for word in ("sample --workdir", "eval --workdir", "--sampler", "--judge_workdir", "--gen_ppl",
+                 "--prompt", "--infill", "--max_length", "--mauve_featurizer", "--data_source"):
         assert word in text, word
 
 
@@ -236,7 +247,7 @@ def test_zero_shot_bound_on_another_source(runs: dict[str, Path]) -> None:
     assert math.isfinite(other["nll_per_token"]) and other["nll_per_token"] != own["nll_per_token"]
     assert other["num_tokens"] == own["num_tokens"]
     prepared = list((runs["gamma"] / "zeroshot").iterdir())
-    assert len(prepared) == 1 and prepared[0].name.startswith("text-")
+    assert len(prepared) == 1 and prepared[0].name.startswith("text-"), prepared
     with pytest.raises(ValueError, match=r"zero-shot data keys must be among .* got \['seq_len'\]"):
         runs_lib.evaluate_run(runs["gamma"], num_batches=1, data={"seq_len": 64})
 
@@ -257,3 +268,58 @@ def test_restore_raw_parameters_and_unmasking_options(block_run: Path,
         drive.reverse_step(raw.setup, "acs", threshold=0.5)
     with pytest.raises(ValueError, match="threshold must lie in"):
         drive.reverse_step(raw.setup, "threshold", threshold=2.0)
+
+
+def test_sample_flags_prompt_infill_length_and_raw_parameters(
+        block_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    output = tmp_path / "p.jsonl"
+    code, out, err = run(capsys, "sample", f"--workdir={block_run}", "--num_samples=2",
+                         "--batch_size=2", "--steps=4", "--prompt=Hello", "--infill=100:world",
+                         "--infill=110:!", "--noema", f"--output={output}")
+    assert code == 0, err
+    for line in map(json.loads, output.read_text().splitlines()):
+        assert line["tokens"][:6] == [256, *b"Hello"] and line["tokens"][100:105] == list(b"world")
+        assert line["tokens"][110] == ord("!")
+        assert line["prompt"] == "Hello" and line["infill"] == {"100": "world", "110": "!"}
+        assert line["precision"] == "float64" and line["ema"] is False
+    code, out, err = run(capsys, "sample", f"--workdir={block_run}", "--num_samples=2",
+                         "--batch_size=2", "--steps=2", "--max_length=160", "--precision=float32",
+                         f"--output={output}")
+    assert code == 0, err
+    for line in map(json.loads, output.read_text().splitlines()):
+        assert line["length"] == len(line["tokens"]) <= 160 and line["max_length"] == 160
+        assert line["precision"] == "float32" and line["ema"] is True
+
+
+def test_eval_zero_shot_flags(runs: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                              tmp_path: Path) -> None:
+    output = tmp_path / "zero.json"
+    code, out, err = run(capsys, "eval", f"--workdir={runs['gamma']}", "--num_batches=1",
+                         "--data_source=text", f"--data_path={train_runs.SHAKESPEARE}",
+                         f"--output={output}")
+    assert code == 0, err
+    result = json.loads(output.read_text())
+    assert result["data"] == {"source": "text", "path": str(train_runs.SHAKESPEARE)}
+    direct = runs_lib.evaluate_run(runs["gamma"], num_batches=1, data=result["data"])
+    assert result["nll_per_token"] == direct["nll_per_token"]
+
+
+def test_eval_with_a_hugging_face_judge_and_mauve(runs: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mauve")
+    tiny_gpt2 = pytest.importorskip("tiny_gpt2")  # needs torch and transformers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny = tiny_gpt2.build_tiny_gpt2(tmp_path / "gpt2")
+    output = tmp_path / "eval.json"
+    code, out, err = run(capsys, "eval", f"--workdir={runs['gamma']}", "--num_batches=1",
+                         "--split=train", "--num_samples=20", "--batch_size=10", "--steps=4",
+                         "--gen_ppl",
+                         f"--judge_hf={tiny.directory}", f"--mauve_featurizer={tiny.directory}",
+                         f"--output={output}")
+    assert code == 0, err
+    result = json.loads(output.read_text())
+    assert math.isfinite(result["gen_ppl"]) and result["gen_ppl"] > 1 and result["gen_num_tokens"] > 0
+    assert 0 < result["mauve"] <= 1 and 0 < result["mauve_star"] <= 1
+    assert result["mauve_num_buckets"] == 2  # max(2, round(20 / 10))

@@ -83,11 +83,12 @@ def generate_samples(run: RestoredRun, *, num_samples: int = 8, batch_size: int 
     return np.concatenate(rows)[:num_samples], calls
 
 
-def sample_run(workdir: str | Path, **options: Any) -> list[dict[str, Any]]:
+def sample_run(workdir: str | Path, *, ema: bool | None = None, **options: Any
+               ) -> list[dict[str, Any]]:
     """Samples of a run as JSON records ``{text, tokens, nfe, seconds, sampler settings}``
-    (options of :func:`generate_samples`); with ``max_length`` each row is cut after its first EOS
-    (``length`` says where)."""
-    run = restore_run(workdir)
+    (options of :func:`generate_samples`; ``ema`` of :func:`restore_run`); with ``max_length``
+    each row is cut after its first EOS (``length`` says where)."""
+    run = restore_run(workdir, ema=ema)
     tokens, calls = generate_samples(run, **options)
     batch_size = options.get("batch_size", 8)
     records = []
@@ -112,6 +113,7 @@ def zero_shot_data(run: RestoredRun, data: Mapping[str, Any], *, progress: bool 
     """Another source tokenized with the run's tokenizer, prepared once into
     ``<workdir>/zeroshot/<name>``; ``data`` overrides keys of the run's ``data`` config (``source``,
     ``path``, ``data_dir``, ``validation_fraction``). Returns ``loop.PreparedData``."""
+    from hybriddiff.training.config import validate_data
     from hybriddiff.training.loop import prepare_data
 
     allowed = ("source", "path", "data_dir", "validation_fraction")
@@ -122,6 +124,7 @@ def zero_shot_data(run: RestoredRun, data: Mapping[str, Any], *, progress: bool 
     config.data.update(dict(data))
     if "path" not in data:
         config.data.path = ""
+    validate_data(config)
     described = json.dumps({k: config.data.get(k) for k in allowed}, sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(config.data.source))
     name = f"{slug}-{hashlib.sha256(described.encode()).hexdigest()[:10]}"
@@ -177,19 +180,19 @@ def evaluate_run(workdir: str | Path, *, split: str = "validation", num_batches:
                  data: Mapping[str, Any] | None = None, gen_ppl: bool = False,
                  entropy: bool = False, judge_workdir: str | None = None,
                  judge_hf: str | None = None, mauve_featurizer: str | None = None,
-                 **sampling: Any) -> dict[str, Any]:
+                 ema: bool | None = None, **sampling: Any) -> dict[str, Any]:
     """``{nll_per_token, perplexity_bound, num_tokens}`` of the run's bound on ``split`` (of the
     run's data, or zero-shot of ``data``: overrides of the data config, :func:`zero_shot_data`),
     plus, for fresh samples when asked, ``gen_ppl`` (with ``gen_nll_per_token``,
     ``gen_num_tokens``) under the judge, ``entropy`` (mean unigram entropy, nats), and ``mauve`` /
     ``mauve_star`` against as many rows of ``split`` (:func:`reference_texts`) on the features of
     the local Hugging Face model directory ``mauve_featurizer`` (``sampling``: options of
-    :func:`generate_samples`)."""
+    :func:`generate_samples`; ``ema`` of :func:`restore_run`)."""
     from hybriddiff.training.loop import ensure_prepared
 
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got split={split!r}")
-    run = restore_run(workdir)
+    run = restore_run(workdir, ema=ema)
     prepared = (ensure_prepared(run.config, run.workdir, progress=False) if data is None
                 else zero_shot_data(run, data))
     result: dict[str, Any] = {"split": split, "checkpoint_step": run.step, "ema": run.ema,

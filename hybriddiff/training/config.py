@@ -34,6 +34,7 @@ __all__ = [
     "load_config_file",
     "resolve_mesh_shape",
     "validate",
+    "validate_data",
 ]
 
 PROCESS_NAMES = ("absorb", "uniform", "gamma", "epsilon")
@@ -247,7 +248,8 @@ def _validate_hyperschedule(config: ml_collections.ConfigDict, loss: str) -> Non
               "input token as x_t, which is the ALIGNED configuration (seed 000 Fig. 5)")
 
 
-def _validate_data(config: ml_collections.ConfigDict) -> None:
+def validate_data(config: ml_collections.ConfigDict) -> None:
+    """The ``data`` section of ``config`` (also checked alone for a zero-shot source)."""
     source = _get(config, "data.source")
     if not isinstance(source, str) or not (source in SOURCES or
                                            (source.startswith("tfds:") and len(source) > 5)):
@@ -333,6 +335,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _, loss = _validate_process_and_loss(config)
     _validate_schedule(config, loss)
     _validate_hyperschedule(config, loss)
-    _validate_data(config)
+    validate_data(config)
     _validate_train(config)
     _validate_parallelism(config, num_devices, num_processes)

@@ -166,8 +166,9 @@ def _define_run_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_integer("num_samples", 8, "sample/eval: number of samples.", flag_values=values)
     flags.DEFINE_integer("batch_size", 8, "sample/eval: samples per generation call.",
                          flag_values=values)
-    flags.DEFINE_string("sampler", None, "sample/eval: ancestral, analytic, acs or an unmasking "
-                        "strategy (default: analytic for score models, else ancestral).",
+    flags.DEFINE_string("sampler", None, "sample/eval: analytic or euler for score models "
+                        "(default analytic); ancestral (default), acs or an unmasking strategy for "
+                        "the others.",
                         flag_values=values)
     flags.DEFINE_integer("steps", None, "sample/eval: noise levels of the hyperschedule (default: "
                          "hyperschedule.num_levels of the run).", flag_values=values)

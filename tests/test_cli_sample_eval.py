@@ -74,6 +74,18 @@ def test_sample_writes_jsonl(runs: dict[str, Path], capsys: pytest.CaptureFixtur
     assert lines[0]["tokens"] != lines[2]["tokens"]
 
 
+def test_euler_sampler_on_a_score_model(runs: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    output = tmp_path / "euler.jsonl"
+    code, out, err = run(capsys, "sample", f"--workdir={runs['gamma']}", "--num_samples=2",
+                         "--batch_size=2", "--steps=4", "--sampler=euler", "--precision=float32",
+                         f"--output={output}")
+    assert code == 0, err
+    for line in map(json.loads, output.read_text().splitlines()):
+        assert line["sampler"] == "euler" and line["nfe"] == 4
+        assert len(line["tokens"]) == 128 and all(0 <= t < 259 for t in line["tokens"])
+
+
 def test_autoregressive_run_samples_after_bos(runs: dict[str, Path],
                                               capsys: pytest.CaptureFixture[str],
                                               tmp_path: Path) -> None:
@@ -127,6 +139,8 @@ def test_reverse_step_rejects_unknown_and_mismatched_samplers(runs: dict[str, Pa
         drive.reverse_step(restored.setup, "nope")
     with pytest.raises(ValueError, match="sampler='ancestral' does not apply to a loss.kind='dwdse'"):
         drive.reverse_step(restored.setup, "ancestral")
+    with pytest.raises(ValueError, match=r"unmasking options \['threshold'\] apply to the unmasking"):
+        drive.reverse_step(restored.setup, "euler", threshold=0.5)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,7 +17,10 @@ from hybriddiff import hyperschedules as hs
 from hybriddiff.model import DiT, DiTConfig
 from hybriddiff.sampling.cached import generate_blocks, generate_cached, window_plan
 from hybriddiff.sampling.categorical import CategoricalConfig
-from hybriddiff.sampling.generate import MDLMReverse, UnmaskReverse, generate, prompt_state
+from hybriddiff.processes import GammaHybrid
+from hybriddiff.sampling.generate import (MDLMReverse, ScoreReverse, UnmaskReverse, generate,
+                                          prompt_state)
+from hybriddiff.sampling.score import analytic_step, euler_step
 from hybriddiff.sampling.steps import level_noise
 from hybriddiff.sampling.unmasking import UnmaskingConfig
 from hybriddiff.schedules import LogLinear
@@ -230,6 +233,31 @@ def test_flat_generate_matches_loop_and_keeps_fixed(model: DiT) -> None:
     assert result.nfe == 4
     assert np.all(np.array(result.tokens)[:, [0, 5]] == [[1, 7], [2, 7]])
     assert not np.any(np.array(result.tokens) == MASK)
+
+
+@pytest.mark.parametrize("predictor, reference", [("analytic", analytic_step),
+                                                   ("euler", euler_step)])
+def test_score_predictors_match_a_loop_over_the_steps(model: DiT, predictor: str,
+                                                      reference) -> None:
+    """The DiT's log-probabilities stand in for log scores: the driver must call the predictor
+    on sigma_bar exactly as a loop over the flat schedule does."""
+    process = GammaHybrid(N, 0.3)
+    step = ScoreReverse(process, predictor=predictor)
+    schedule = hs.flat(6, 3)
+    key = jax.random.key(7)
+    result = generate(model, key, schedule, SCHEDULE, step, batch_size=2)
+    x = np.full((2, 6), MASK)
+    for t in range(schedule.num_steps):
+        now, nxt = _noise(schedule.tau[t], 3), _noise(schedule.tau[t + 1], 3)
+        now_b = jax.tree.map(lambda a: jnp.broadcast_to(a, x.shape), now)
+        nxt_b = jax.tree.map(lambda a: jnp.broadcast_to(a, x.shape), nxt)
+        out = _forward(model, x, np.arange(6), np.array(now_b.sigma_bar), np.ones((6, 6), bool))
+        x = np.array(reference(jax.random.fold_in(key, t), jnp.asarray(x), jnp.asarray(out),
+                               now_b.sigma_bar, nxt_b.sigma_bar, process))
+    np.testing.assert_array_equal(np.array(result.tokens), x)
+    assert not np.any(x == MASK) and result.nfe == 3
+    with pytest.raises(ValueError, match="predictor must be one of .* got predictor='leap'"):
+        ScoreReverse(process, predictor="leap")
 
 
 def test_unmasking_strategy_plugs_in(model: DiT) -> None:

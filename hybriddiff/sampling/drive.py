@@ -9,7 +9,8 @@ its process, loss and hyperschedule (seed 000 §3.1; the drivers are in
 Samplers by model output:
 
 * score models (``loss.kind = "dwdse"``: γ-hybrid, absorb or uniform with scores): ``"analytic"``,
-  the exact reverse of Q_γ (:class:`AnalyticReverse`).
+  τ-leaping with the exact reverse of Q_γ, and ``"euler"``, SEDD's Euler step
+  (:class:`ScoreReverse`).
 * clean-prediction models (``"mdlm"``, ``"hdce"``, ``"ar"``): ``"ancestral"`` (MDLM, seed 000
   Alg. 3), ``"acs"`` (seed 000 Alg. 4 with intensity ``eta``) and every seed 002 unmasking
   strategy (:data:`~hybriddiff.sampling.unmasking.COUNT_STRATEGIES`,
@@ -48,8 +49,8 @@ from hybriddiff.data.tokenizers import tokenizer_from_description
 from hybriddiff.model.sharding import activate, make_mesh
 from hybriddiff.sampling.cached import generate_blocks, generate_cached
 from hybriddiff.sampling.categorical import CategoricalConfig
-from hybriddiff.sampling.generate import (AnalyticReverse, GenerationResult, MDLMReverse,
-                                          ReverseStep, UnmaskReverse, generate)
+from hybriddiff.sampling.generate import (SCORE_PREDICTORS, GenerationResult, MDLMReverse,
+                                          ReverseStep, ScoreReverse, UnmaskReverse, generate)
 from hybriddiff.sampling.steps import NoiseLevels, acs_step
 from hybriddiff.sampling.unmasking import ADAPTIVE_STRATEGIES, COUNT_STRATEGIES, UnmaskingConfig
 
@@ -64,8 +65,8 @@ __all__ = [
     "sample",
 ]
 
-SAMPLERS = ("ancestral", "analytic", "acs", *COUNT_STRATEGIES, *ADAPTIVE_STRATEGIES)
-_SCORE_SAMPLERS = ("analytic",)
+SAMPLERS = ("ancestral", *SCORE_PREDICTORS, "acs", *COUNT_STRATEGIES, *ADAPTIVE_STRATEGIES)
+_SCORE_SAMPLERS = SCORE_PREDICTORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +153,11 @@ def reverse_step(setup: Any, sampler: str, *, eta: float = 0.0,
                                                             if s not in _SCORE_SAMPLERS)
         raise ValueError(f"sampler={sampler!r} does not apply to a loss.kind="
                          f"{objective.loss_kind!r} model; use one of {allowed}")
-    if unmasking and sampler in ("ancestral", "analytic", "acs"):
+    if unmasking and sampler in ("ancestral", "acs", *SCORE_PREDICTORS):
         raise ValueError(f"unmasking options {sorted(unmasking)} apply to the unmasking "
                          f"strategies only, not to sampler={sampler!r}")
-    if sampler == "analytic":
-        return AnalyticReverse(objective.process, sampling)
+    if sampler in SCORE_PREDICTORS:
+        return ScoreReverse(objective.process, sampling, predictor=sampler)
     if sampler == "ancestral":
         return MDLMReverse(sampling)
     if sampler == "acs":

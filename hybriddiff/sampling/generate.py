@@ -3,8 +3,9 @@
 A generation driver owns the loop; the reverse step is pluggable. A *reverse step* is any hashable
 callable ``step(key, x [B, W], output [B, W, N], now: NoiseLevels, nxt: NoiseLevels) -> x_next``
 (the network output at the positions ``x``, and their per-position noise at ``tau[t]`` and
-``tau[t+1]``). :class:`MDLMReverse`, :class:`AnalyticReverse` and :class:`UnmaskReverse` wrap the
-steps of :mod:`hybriddiff.sampling.steps` and :mod:`hybriddiff.sampling.unmasking`; they are frozen
+``tau[t+1]``). :class:`MDLMReverse`, :class:`ScoreReverse` and :class:`UnmaskReverse` wrap the
+steps of :mod:`hybriddiff.sampling.steps`, :mod:`hybriddiff.sampling.score` and
+:mod:`hybriddiff.sampling.unmasking`; they are frozen
 dataclasses, so a driver jits them as static arguments.
 
 :func:`generate` runs one ``jax.lax.scan`` over the ``T`` transitions of any hyperschedule (flat,
@@ -35,16 +36,17 @@ from flax import nnx
 from hybriddiff.hyperschedules import Hyperschedule
 from hybriddiff.processes import GammaHybrid
 from hybriddiff.sampling.categorical import CategoricalConfig
-from hybriddiff.sampling.score import analytic_step
+from hybriddiff.sampling.score import analytic_step, euler_step
 from hybriddiff.sampling.steps import NoiseLevels, level_noise, mdlm_step
 from hybriddiff.sampling.unmasking import UnmaskingConfig, plan_from_schedule, unmask_step
 from hybriddiff.schedules import NoiseSchedule
 
 __all__ = [
-    "AnalyticReverse",
+    "SCORE_PREDICTORS",
     "GenerationResult",
     "MDLMReverse",
     "ReverseStep",
+    "ScoreReverse",
     "UnmaskReverse",
     "generate",
     "generate_jit",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 Array = jax.Array
+SCORE_PREDICTORS = ("analytic", "euler")
 
 
 class ReverseStep(Protocol):
@@ -74,16 +77,25 @@ class MDLMReverse:
 
 
 @dataclasses.dataclass(frozen=True)
-class AnalyticReverse:
-    """SEDD analytic (τ-leaping) step of the γ-hybrid process on ``sigma_bar`` (score models)."""
+class ScoreReverse:
+    """A SEDD predictor of the γ-hybrid process on ``sigma_bar`` (score models): ``"analytic"``
+    (τ-leaping with the exact inverse, :func:`~hybriddiff.sampling.score.analytic_step`) or
+    ``"euler"`` (:func:`~hybriddiff.sampling.score.euler_step`); both end with the final
+    denoising step."""
 
     process: GammaHybrid
     sampling: CategoricalConfig = CategoricalConfig()
+    predictor: str = "analytic"
+
+    def __post_init__(self) -> None:
+        if self.predictor not in SCORE_PREDICTORS:
+            raise ValueError(f"predictor must be one of {SCORE_PREDICTORS}, got "
+                             f"predictor={self.predictor!r}")
 
     def __call__(self, key: Array, x: Array, output: Array, now: NoiseLevels,
                  nxt: NoiseLevels) -> Array:
-        return analytic_step(key, x, output, now.sigma_bar, nxt.sigma_bar, self.process,
-                             self.sampling)
+        step = analytic_step if self.predictor == "analytic" else euler_step
+        return step(key, x, output, now.sigma_bar, nxt.sigma_bar, self.process, self.sampling)
 
 
 @dataclasses.dataclass(frozen=True)

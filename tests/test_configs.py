@@ -19,9 +19,10 @@ from hybriddiff.training import core
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.py"))
-EXPERIMENTS = ["demo", "lm1b_gamma_flat", "lm1b_gamma_block", "lm1b_epsilon_flat", "lm1b_bd3",
-               "lm1b_ar", "owt_gamma_flat", "owt_gamma_block", "owt_epsilon_flat", "owt_bd3",
-               "owt_gamma_block_stage2"]
+DEMOS = ["demo", "demo_flat", "demo_block"]
+PAPER = ["lm1b_gamma_flat", "lm1b_gamma_block", "lm1b_epsilon_flat", "lm1b_bd3", "lm1b_ar",
+         "owt_gamma_flat", "owt_gamma_block", "owt_epsilon_flat", "owt_bd3", "owt_gamma_block_stage2"]
+EXPERIMENTS = DEMOS + PAPER
 
 
 def load(name: str) -> ml_collections.ConfigDict:
@@ -40,7 +41,7 @@ def test_every_config_loads_and_validates(path):
 
 
 def test_paper_hyperparameters():
-    for name in EXPERIMENTS[1:]:
+    for name in PAPER:
         config = load(name)
         model, train = config.model, config.train
         assert (model.num_layers, model.d_model, model.num_heads) == (12, 768, 12), name

@@ -268,6 +268,18 @@ def test_unmasking_strategy_plugs_in(model: DiT) -> None:
     assert result.nfe == 3
 
 
+def test_random_strategy_at_rate_one_reveals_one_token_per_step_as_first_hitting(model: DiT) -> None:
+    """Block ω = 4 with 4 levels (ρ = 1): MDLM expects exactly one reveal per step, so the random
+    strategy is BD3-LM's first-hitting sampler (one uniformly chosen masked token per step)."""
+    schedule = hs.block(8, 4, 4)
+    step = UnmaskReverse(UnmaskingConfig(strategy="random"))
+    result = generate(model, jax.random.key(4), schedule, SCHEDULE, step, batch_size=3,
+                      return_trajectory=True)
+    unmasked = (np.array(result.trajectory) != MASK).sum(-1)  # [T + 1, B]
+    assert schedule.num_steps == 8
+    np.testing.assert_array_equal(np.diff(unmasked, axis=0), np.ones((8, 3), int))
+
+
 class BiasedEOS(nnx.Module):
     """A DiT whose predictions are EOS exactly from position ``after`` on (never before)."""
 

@@ -14,7 +14,10 @@ Samplers by model output:
 * clean-prediction models (``"mdlm"``, ``"hdce"``, ``"ar"``): ``"ancestral"`` (MDLM, seed 000
   Alg. 3), ``"acs"`` (seed 000 Alg. 4 with intensity ``eta``) and every seed 002 unmasking
   strategy (:data:`~hybriddiff.sampling.unmasking.COUNT_STRATEGIES`,
-  :data:`~hybriddiff.sampling.unmasking.ADAPTIVE_STRATEGIES`).
+  :data:`~hybriddiff.sampling.unmasking.ADAPTIVE_STRATEGIES`). BD3-LM's first-hitting sampler
+  (:func:`~hybriddiff.sampling.steps.first_hitting_step`) on a block run with as many levels as
+  the block width (ρ = 1, log-linear) is ``"random"``: MDLM expects exactly one reveal per block
+  and step, and the random strategy reveals that one uniformly among the masked positions.
 
 Drivers by hyperschedule: ``flat`` runs :func:`generate` (whole sequence every step); ``block``,
 ``slide`` and ``quench`` run :func:`generate_cached` with the settled prefix in the KV cache (a

@@ -223,8 +223,6 @@ REJECTIONS = [
      r"loss\.kind='mdlm' and hyperschedule\.kind='quench' do not match"),
     ("quench_aligned", "lm1b_ar", _set("hyperschedule.alignment", "aligned"),
      r"hyperschedule\.alignment='aligned' must be 'shifted' with kind='quench'"),
-    ("shifted_dwdse", "lm1b_gamma_block", _set("hyperschedule.alignment", "shifted"),
-     r"hyperschedule\.alignment='shifted' is not supported with loss\.kind='dwdse'"),
     ("seq_len", "base", _set("data.seq_len", 1), r"data\.seq_len=1 must be >= 2"),
     ("framing_seq_len", "base", _update(data=dict(seq_len=2),
                                          hyperschedule=dict(kind="flat")),

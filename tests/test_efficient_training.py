@@ -21,6 +21,9 @@ from flax import nnx
 from hybriddiff import masks
 from hybriddiff.model import DiT, DiTConfig
 from hybriddiff.model.attention import dot_product_attention
+from hybriddiff.processes import GammaHybrid
+from hybriddiff.schedules import LogLinear
+from hybriddiff.training import objective as objective_lib
 
 NUM_TOKENS = 11
 BATCH = 2
@@ -197,6 +200,58 @@ def test_vectorized_forward_equals_kv_cached_loop(model, name):
     # Everything else is padding: no keys, no loss.
     assert not layout.mask[~covered].any()
     assert np.all(layout.target_index[~covered] == -1)
+
+
+SCORE_LAYOUTS = {
+    "flat_shifted_L6": lambda: objective_lib.flat_layout(6, shifted=True),
+    "block_shifted_L8_w2": LAYOUTS["block_shifted_L8_w2"],
+    "block_shifted_L12_w4_fig10_padded": LAYOUTS["block_shifted_L12_w4_fig10_padded"],
+    "slide_shifted_L12_w4_fig9": LAYOUTS["slide_shifted_L12_w4_fig9"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_LAYOUTS))
+def test_shifted_score_cells_are_told_the_state_they_predict(name):
+    """A SHIFTED cell predicts the next position, so the objective gives a score network that
+    position's x_t and sigma_bar: the noisy token of the cell's interval at its target, or the
+    clean token at sigma 0 for a settled cell; discarded cells keep their own input. ALIGNED
+    layouts and log-probability networks are given nothing extra."""
+    layout = SCORE_LAYOUTS[name]()
+    kind = "flat" if name.startswith("flat") else name.split("_")[0]
+    objective = objective_lib.Objective(
+        process=GammaHybrid(NUM_TOKENS, 0.3), schedule=LogLinear(), loss_kind="dwdse",
+        layout_kind=kind, length=layout.length, width=layout.width, shifted=True)
+    clean, noisy, sigma, buffer, sigma_buffer = _data(layout, seed=len(name))
+    seen = {}
+
+    def spy(tokens, positions, sigma_bar, mask, **context):
+        seen.update(context, tokens=np.asarray(tokens), sigma_bar=np.asarray(sigma_bar))
+        return jnp.zeros((*tokens.shape, NUM_TOKENS))
+
+    objective_lib.forward(objective, spy, layout, jnp.asarray(clean), jnp.asarray(buffer),
+                          jnp.asarray(sigma_buffer, jnp.float32))
+    expected_tokens, expected_sigma = seen["tokens"].copy(), seen["sigma_bar"].copy()
+    for slot in range(layout.num_slots):
+        target, interval = int(layout.target_position[slot]), int(layout.interval_of_slot[slot])
+        if target < 0:
+            continue
+        if interval >= 0:
+            expected_tokens[:, slot] = noisy[interval][:, target]
+            expected_sigma[:, slot] = sigma[interval]
+        else:
+            expected_tokens[:, slot], expected_sigma[:, slot] = clean[:, target], 0.0
+    np.testing.assert_array_equal(np.asarray(seen["score_tokens"]), expected_tokens)
+    np.testing.assert_allclose(np.asarray(seen["score_sigma_bar"]), expected_sigma, rtol=1e-6)
+    assert (expected_tokens != seen["tokens"]).any()  # the context is not the cells' inputs
+    for other in (dataclasses.replace(objective, loss_kind="mdlm"),
+                  dataclasses.replace(objective, shifted=False)):
+        seen.clear()
+        plain = other.static_layout() if other.layout_kind != "slide" else \
+            masks.slide_layout(12, 4, (2, 5, 11), shifted=other.shifted)
+        other_clean, _, _, other_buffer, other_sigma = _data(plain, seed=0)
+        objective_lib.forward(other, spy, plain, jnp.asarray(other_clean),
+                              jnp.asarray(other_buffer), jnp.asarray(other_sigma, jnp.float32))
+        assert "score_tokens" not in seen and "score_sigma_bar" not in seen
 
 
 def test_time_conditioning_and_mask_are_live(model):

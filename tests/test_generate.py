@@ -7,6 +7,8 @@ the flat schedule calling the network and the reverse step directly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,17 @@ def model() -> DiT:
     return dit
 
 
+@pytest.fixture(scope="module")
+def score_model(model: DiT) -> DiT:
+    """The same network with SEDD's score head (a γ-hybrid model)."""
+    graphdef, state = nnx.split(model)
+    dit = DiT(dataclasses.replace(model.config, output="score"), rngs=nnx.Rngs(0))
+    nnx.update(dit, nnx.state(nnx.merge(graphdef, state)))
+    return dit
+
+
+SCORE_STEP = ScoreReverse(GammaHybrid(N, 0.3))
+SCORE_STEP_JIT = jax.jit(SCORE_STEP)
 _LEVEL_NOISE = jax.jit(level_noise, static_argnums=(0, 2))
 
 
@@ -52,22 +65,26 @@ _PADDED = 12  # every reference forward is padded to this many slots: one compil
 
 @nnx.jit
 def _jit_forward(model: DiT, tokens: jax.Array, positions: jax.Array, sigma: jax.Array,
-                 mask: jax.Array) -> jax.Array:
-    return model(tokens, positions, sigma, mask=mask)
+                 mask: jax.Array, score: dict[str, jax.Array]) -> jax.Array:
+    return model(tokens, positions, sigma, mask=mask, **score)
 
 
 def _forward(model: DiT, tokens: np.ndarray, positions: np.ndarray, sigma: np.ndarray,
-             mask: np.ndarray) -> np.ndarray:
-    """The full forward over ``tokens [B, S]`` with the inference ``mask [S, S]``; the input is
+             mask: np.ndarray, score_tokens: np.ndarray | None = None,
+             score_sigma: np.ndarray | None = None) -> np.ndarray:
+    """The full forward over ``tokens [B, S]`` with the inference ``mask [S, S]`` (and the state
+    ``score_tokens`` / ``score_sigma`` [B, S] each cell predicts, for score models); the input is
     padded with slots that attend to nothing and that nothing attends to."""
     batch, size = tokens.shape
     extra = _PADDED - size
     full_mask = np.zeros((_PADDED, _PADDED), bool)
     full_mask[:size, :size] = mask
-    out = _jit_forward(model, jnp.asarray(np.pad(tokens, ((0, 0), (0, extra)))),
-                       jnp.asarray(np.pad(positions, (0, extra))),
-                       jnp.asarray(np.pad(sigma, ((0, 0), (0, extra))), jnp.float32),
-                       jnp.asarray(full_mask))
+    pad = lambda a: np.pad(a, ((0, 0), (0, extra)))  # noqa: E731
+    score = {} if score_tokens is None else dict(
+        score_tokens=jnp.asarray(pad(score_tokens), jnp.int32),
+        score_sigma_bar=jnp.asarray(pad(score_sigma), jnp.float32))
+    out = _jit_forward(model, jnp.asarray(pad(tokens)), jnp.asarray(np.pad(positions, (0, extra))),
+                       jnp.asarray(pad(sigma), jnp.float32), jnp.asarray(full_mask), score)
     return np.array(out)[:, :size]
 
 
@@ -76,10 +93,12 @@ def _noise(levels: np.ndarray, num_levels: int):
 
 
 def _window_reference(model: DiT, key: jax.Array, schedule: hs.Hyperschedule, tokens: jax.Array,
-                      fixed: jax.Array, shifted: bool, fill: str, prefix: int = 0) -> np.ndarray:
+                      fixed: jax.Array, shifted: bool, fill: str, prefix: int = 0,
+                      step=STEP_JIT) -> np.ndarray:
     """Loop over transitions: full forward over settled prefix + window with the inference mask;
     the first ``prefix`` positions count as settled from the start (a prefilled prompt), attending
-    among themselves as the unprompted appends would."""
+    among themselves as the unprompted appends would. A score model is told, for each window
+    cell, the state of the position it predicts (the next one when SHIFTED)."""
     x = np.array(tokens)
     fixed = np.array(fixed)
     batch, length = x.shape
@@ -110,7 +129,14 @@ def _window_reference(model: DiT, key: jax.Array, schedule: hs.Hyperschedule, to
         else:
             prefix = group[np.minimum(k, length - 1)] <= group[np.minimum(q, length - 1)]
         mask = np.where(q < s, (k < s) & prefix, True)
-        out = _forward(model, seq, positions, sigma, mask)[:, s:]
+        score_tokens = score_sigma = None
+        if model.config.output == "score":
+            ahead = [min(c + int(shifted), length - 1) for c in cells]  # the last is discarded
+            ahead_levels = np.where(fixed[:, ahead], 0, tau[t, ahead])
+            score_tokens = np.concatenate([x[:, :s], x[:, ahead]], axis=1)
+            score_sigma = np.concatenate([np.zeros((batch, s)),
+                                          np.array(_noise(ahead_levels, levels).sigma_bar)], 1)
+        out = _forward(model, seq, positions, sigma, mask, score_tokens, score_sigma)[:, s:]
         count = w - s
         target = np.full((batch, width), MASK)
         target[:, :count] = x[:, s:w]
@@ -124,7 +150,7 @@ def _window_reference(model: DiT, key: jax.Array, schedule: hs.Hyperschedule, to
                                now_levels)
         now_levels = np.where(moving, now_levels, 0)
         next_levels = np.where(moving, next_levels, 0)
-        new = np.array(STEP_JIT(jax.random.fold_in(key, t), jnp.asarray(target),
+        new = np.array(step(jax.random.fold_in(key, t), jnp.asarray(target),
                             jnp.asarray(output), _noise(now_levels, levels),
                             _noise(next_levels, levels)))
         x[:, s:w] = np.where(moving, new, target)[:, :count]
@@ -164,6 +190,28 @@ def test_cached_equals_uncached_reference(model: DiT, schedule: hs.Hyperschedule
     assert trajectory.shape == (schedule.num_steps + 1, 2, schedule.length)
     np.testing.assert_array_equal(trajectory[0], np.array(tokens))
     np.testing.assert_array_equal(trajectory[-1], np.array(result.tokens))
+
+
+@pytest.mark.parametrize("schedule,shifted,fill", [
+    (hs.block(8, 2, 2), True, "causal"),
+    (hs.slide(8, 3, 3), True, "causal"),
+    (hs.block(8, 2, 2), False, "block"),
+])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_score_model_cached_equals_uncached_reference(score_model: DiT, schedule: hs.Hyperschedule,
+                                                      shifted: bool, fill: str,
+                                                      use_cache: bool) -> None:
+    """γ-hybrid score models, SHIFTED included: each window cell's score is about the position
+    it predicts (seed 000 Fig. 5b), with and without the KV cache."""
+    key = jax.random.key(6)
+    tokens, fixed = prompt_state(jnp.array([[3, 4], [5, 6]]), schedule.length, MASK)
+    result = generate_cached(score_model, key, schedule, SCHEDULE, SCORE_STEP, tokens=tokens,
+                             fixed=fixed, shifted=shifted, fill=fill, use_cache=use_cache,
+                             cache_dtype=jnp.float32)
+    expected = _window_reference(score_model, key, schedule, tokens, fixed, shifted, fill,
+                                 prefix=2, step=SCORE_STEP_JIT)  # the prompt is prefilled
+    np.testing.assert_array_equal(np.array(result.tokens), expected)
+    assert not np.any(expected == MASK)
 
 
 def test_prefill_on_a_window_boundary_changes_nothing_but_the_calls(model: DiT) -> None:
@@ -233,6 +281,39 @@ def test_flat_generate_matches_loop_and_keeps_fixed(model: DiT) -> None:
     assert result.nfe == 4
     assert np.all(np.array(result.tokens)[:, [0, 5]] == [[1, 7], [2, 7]])
     assert not np.any(np.array(result.tokens) == MASK)
+
+
+@pytest.mark.parametrize("network", ["model", "score_model"])
+def test_flat_shifted_generation_moves_each_output_one_position_right(
+        network: str, request: pytest.FixtureRequest) -> None:
+    """SHIFTED flat generation: cell p reads position p and predicts p + 1 (the last cell's
+    output is discarded; position 0 is a fixed BOS); a score network is told the state of p + 1."""
+    dit = request.getfixturevalue(network)
+    step, step_jit = (SCORE_STEP, SCORE_STEP_JIT) if network == "score_model" else (STEP, STEP_JIT)
+    schedule = hs.flat(7, 3)
+    key = jax.random.key(8)
+    tokens, fixed = prompt_state(jnp.array([[2], [9]]), 7, MASK)
+    result = generate(dit, key, schedule, SCHEDULE, step, tokens=tokens, fixed=fixed, shifted=True)
+    x = np.array(tokens)
+    for t in range(schedule.num_steps):
+        now_levels = np.where(np.array(fixed), 0, schedule.tau[t])
+        next_levels = np.where(np.array(fixed), 0, schedule.tau[t + 1])
+        now, nxt = _noise(now_levels, 3), _noise(next_levels, 3)
+        sigma = np.array(now.sigma_bar)
+        ahead = [1, 2, 3, 4, 5, 6, 6]  # cell p predicts p + 1; the last cell's output is unused
+        score = (x[:, ahead], sigma[:, ahead]) if network == "score_model" else (None, None)
+        cells = _forward(dit, x, np.arange(7), sigma, np.ones((7, 7), bool), *score)
+        out = np.concatenate([np.zeros_like(cells[:, :1]), cells[:, :-1]], axis=1)
+        x_next = np.array(step_jit(jax.random.fold_in(key, t), jnp.asarray(x), jnp.asarray(out),
+                                   now, nxt))
+        x = np.where(np.array(fixed), x, x_next)
+    np.testing.assert_array_equal(np.array(result.tokens), x)
+    assert result.nfe == 3 and not np.any(x == MASK) and np.all(x[:, 0] == [2, 9])
+    if network == "model":  # the shift matters (the untrained score model's draws are
+        aligned = generate(dit, key, schedule, SCHEDULE, step, tokens=tokens, fixed=fixed)
+        assert np.any(np.array(aligned.tokens) != x)  # dominated by the noise term here)
+    with pytest.raises(ValueError, match="shifted=True needs position 0 fixed"):
+        generate(dit, key, schedule, SCHEDULE, step, batch_size=2, shifted=True)
 
 
 @pytest.mark.parametrize("predictor, reference", [("analytic", analytic_step),

@@ -216,6 +216,46 @@ def test_score_output_follows_sedd_scale_by_sigma() -> None:
     np.testing.assert_array_equal(score[~is_mask], 0.0)
 
 
+def test_score_head_reads_the_given_state_and_level() -> None:
+    """``score_tokens`` / ``score_sigma_bar`` (the state a SHIFTED cell predicts) change only the
+    score head: the same raw output r, zeroed at the given current token, shifted by the given
+    level where the given token is MASK; in the cached forward too."""
+    tokens, positions, sigma_bar = make_inputs(mask_fraction=0.5)
+    model = DiT(dataclasses.replace(TINY, output="score"), rngs=nnx.Rngs(0))
+    perturb_modulation(model)
+    rng = np.random.default_rng(3)
+    ahead = rng.integers(0, N + 1, size=tokens.shape)
+    ahead[:, 0] = N  # at least one MASK and one ordinary token per row
+    ahead[:, 1] = 4
+    ahead_sigma = rng.uniform(0.05, 3.0, size=tokens.shape)
+    given = np.asarray(model(tokens, positions, sigma_bar, score_tokens=jnp.asarray(ahead),
+                             score_sigma_bar=jnp.asarray(ahead_sigma, jnp.float32)), np.float64)
+    np.testing.assert_array_equal(np.asarray(model(tokens, positions, sigma_bar, score_tokens=tokens,
+                                                   score_sigma_bar=sigma_bar)),
+                                  np.asarray(model(tokens, positions, sigma_bar)))
+    # The raw output r of every cell, from an all-MASK context at a known level.
+    unit = jnp.ones(tokens.shape, jnp.float32)
+    raw = np.asarray(model(tokens, positions, sigma_bar, score_tokens=jnp.full(tokens.shape, N),
+                           score_sigma_bar=unit), np.float64) + np.log(np.expm1(1.0)) + np.log(N)
+    shift = np.log(np.expm1(ahead_sigma)) + np.log(N)
+    expected = np.where((ahead == N)[..., None], raw - shift[..., None], raw)
+    expected[np.arange(BATCH)[:, None], np.arange(LENGTH)[None], np.minimum(ahead, N - 1)] = \
+        np.where(ahead == N, expected[np.arange(BATCH)[:, None], np.arange(LENGTH)[None],
+                                      np.minimum(ahead, N - 1)], 0.0)
+    np.testing.assert_allclose(given, expected, atol=2e-5)
+    cache = model.init_cache(BATCH, LENGTH, jnp.float32)
+    cached, _ = model.forward_cached(tokens, positions, sigma_bar, cache,
+                                     score_tokens=jnp.asarray(ahead),
+                                     score_sigma_bar=jnp.asarray(ahead_sigma, jnp.float32))
+    np.testing.assert_allclose(np.asarray(cached), given, atol=2e-5)
+    with pytest.raises(ValueError, match=r"score_tokens must have shape \(2, 9\)"):
+        model(tokens, positions, sigma_bar, score_tokens=tokens[:, :-1])
+    with pytest.raises(ValueError, match="score_tokens must be an integer array"):
+        model(tokens, positions, sigma_bar, score_tokens=sigma_bar)
+    with pytest.raises(ValueError, match=r"score_sigma_bar must have shape \(2, 9\)"):
+        model.forward_cached(tokens, positions, sigma_bar, cache, score_sigma_bar=sigma_bar[0])
+
+
 def test_dropout_is_active_only_when_not_deterministic() -> None:
     model = DiT(dataclasses.replace(TINY, dropout_rate=0.5), rngs=nnx.Rngs(0))
     inputs = make_inputs()

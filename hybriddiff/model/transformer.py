@@ -24,6 +24,9 @@ Outputs (``config.output``):
     factor is known for the hybrid process; the time conditioning learns it). The entry of the current
     token is set to exactly 0 (``log s(x -> x) = 0``); at MASK positions no entry is the current token.
     sigma_bar is floored at the smallest normal float32 before the shift so that it stays finite.
+    The state ``x_t`` and ``sigma_bar`` the score is about are the cell's own input (ALIGNED) unless
+    ``score_tokens`` / ``score_sigma_bar`` are given: a SHIFTED cell (seed 000 Fig. 5b) predicts the
+    next position, so its caller passes that position's state.
 """
 
 from __future__ import annotations
@@ -156,6 +159,19 @@ class DiT(nnx.Module):
                 raise ValueError(f"sigma_bar must have shape [{batch}, {length}], got "
                                  f"{tuple(sigma_bar.shape)}")
 
+    def _score_context(self, tokens: jax.Array, sigma_bar: jax.Array | None,
+                       score_tokens: jax.Array | None, score_sigma_bar: jax.Array | None
+                       ) -> tuple[jax.Array, jax.Array | None]:
+        """The ``(x_t [B, S], sigma_bar [B, S])`` the score head reads: the inputs unless given."""
+        for name, value in (("score_tokens", score_tokens), ("score_sigma_bar", score_sigma_bar)):
+            if value is not None and value.shape != tokens.shape:
+                raise ValueError(f"{name} must have shape {tuple(tokens.shape)} (one per cell), got "
+                                 f"{tuple(value.shape)}")
+        if score_tokens is not None and not jnp.issubdtype(score_tokens.dtype, jnp.integer):
+            raise ValueError(f"score_tokens must be an integer array, got {score_tokens.dtype}")
+        return (tokens if score_tokens is None else score_tokens,
+                sigma_bar if score_sigma_bar is None else score_sigma_bar)
+
     def _prepare(self, tokens: jax.Array, positions: jax.Array, sigma_bar: jax.Array | None):
         """Embedded inputs [B, S, D] float32, conditioning [B, S, cond] or None, rotary tables."""
         x = self.embedding(tokens, sigma_bar).astype(jnp.float32)
@@ -205,7 +221,8 @@ class DiT(nnx.Module):
     # ----------------------------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, positions: jax.Array, sigma_bar: jax.Array | None = None,
                  mask: Mask = None, deterministic: bool = True,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, score_tokens: jax.Array | None = None,
+                 score_sigma_bar: jax.Array | None = None) -> jax.Array:
         """Full forward over an arbitrary token layout.
 
         Args:
@@ -220,10 +237,14 @@ class DiT(nnx.Module):
             own stream (``nnx.Rngs(dropout=...)`` given at construction), which mutates the model, so
             use ``nnx.jit`` / ``nnx.value_and_grad`` then. Pure ``jax.jit`` / ``jax.grad`` code over
             ``nnx.split`` states should pass a key.
+          score_tokens, score_sigma_bar: [B, S] the state ``x_t`` and noise level of the position each
+            cell's output is about, read by the score head only (module docstring); default the
+            inputs ``tokens`` / ``sigma_bar`` (ALIGNED).
         Returns:
           [B, S, N] float32 log-probs, or log-scores when ``config.output == "score"``.
         """
         self._check_inputs(tokens, positions, sigma_bar)
+        score_context = self._score_context(tokens, sigma_bar, score_tokens, score_sigma_bar)
         x, cond, cos, sin = self._prepare(tokens, positions, sigma_bar)
         static_mask = mask if isinstance(mask, np.ndarray) or mask is None else None
         dynamic_mask = None if static_mask is not None or mask is None else mask
@@ -241,7 +262,7 @@ class DiT(nnx.Module):
             run_block = nnx.remat(run_block)
         for layer, block in enumerate(self.blocks):
             x = run_block(block, x, cond, cos, sin, dynamic_mask, dropout_keys[layer])
-        return self._output(x, cond, tokens, sigma_bar)
+        return self._output(x, cond, *score_context)
 
     # ----------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16) -> KVCache:
@@ -250,8 +271,9 @@ class DiT(nnx.Module):
 
     def forward_cached(self, tokens: jax.Array, positions: jax.Array, sigma_bar: jax.Array | None,
                        cache: KVCache, window_mask: Mask = None, update_cache: bool = False,
-                       deterministic: bool = True, dropout_key: jax.Array | None = None
-                       ) -> tuple[jax.Array, KVCache]:
+                       deterministic: bool = True, dropout_key: jax.Array | None = None,
+                       score_tokens: jax.Array | None = None,
+                       score_sigma_bar: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Forward over a window of W tokens that also attends to the cached tokens (seed 000 App. B.4).
 
         Window queries attend to every cached key with index < ``cache.length`` and to window keys per
@@ -266,11 +288,12 @@ class DiT(nnx.Module):
           cache: the ``KVCache``.
           window_mask: None (full), or bool [W, W] / [B, W, W] attention inside the window.
           update_cache: append this window to the cache.
-          deterministic, dropout_key: as in ``__call__``.
+          deterministic, dropout_key, score_tokens, score_sigma_bar: as in ``__call__`` ([B, W]).
         Returns:
           (outputs [B, W, N] float32, the cache).
         """
         self._check_inputs(tokens, positions, sigma_bar)
+        score_context = self._score_context(tokens, sigma_bar, score_tokens, score_sigma_bar)
         batch, width = tokens.shape
         config = self.config
         if (cache.num_layers, cache.batch_size) != (config.num_layers, batch) or \
@@ -310,7 +333,7 @@ class DiT(nnx.Module):
             if update_cache:
                 keys.append(jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), start))
                 values.append(jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), start))
-        out = self._output(x, cond, tokens, sigma_bar)
+        out = self._output(x, cond, *score_context)
         chex.assert_shape(out, (batch, width, config.num_tokens))
         if update_cache:
             cache = KVCache(keys=tuple(keys), values=tuple(values),

@@ -61,8 +61,9 @@ from flax import nnx
 from hybriddiff.hyperschedules import Hyperschedule, flat
 from hybriddiff.masks import block_causal_mask
 from hybriddiff.model.cache import KVCache, init_cache
-from hybriddiff.sampling.generate import (GenerationResult, ReverseStep, check_model, check_state,
-                                          masked_noise, merge_for_inference, network_sigma,
+from hybriddiff.sampling.generate import (GenerationResult, ReverseStep, check_model,
+                                          check_shifted_start, check_state, masked_noise,
+                                          merge_for_inference, network_sigma, score_context,
                                           with_start)
 from hybriddiff.sampling.steps import level_noise
 from hybriddiff.sampling.unmasking import prediction_entropy
@@ -204,9 +205,17 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
         cell_noise = masked_noise(schedule, jnp.broadcast_to(cell_levels, (batch, cells)),
                                   num_levels, cell_fixed | (cell_positions < settled))
         sigma = network_sigma(config, cell_noise)
+        # cell c predicts position settled + c (its own position unless SHIFTED)
+        ahead_tokens = jax.lax.dynamic_slice_in_dim(x, settled, cells, axis=1)
+        ahead_levels = jax.lax.dynamic_slice_in_dim(level_now, settled, cells)
+        ahead_noise = masked_noise(schedule, jnp.broadcast_to(ahead_levels, (batch, cells)),
+                                   num_levels, jax.lax.dynamic_slice_in_dim(fixed_pad, settled,
+                                                                            cells, axis=1))
+        scoring = score_context(config, ahead_tokens, ahead_noise)
         if use_cache:
             output, _ = model.forward_cached(cell_tokens, cell_positions, sigma, cache,
-                                             window_mask=window_mask, update_cache=False)
+                                             window_mask=window_mask, update_cache=False,
+                                             **scoring)
         else:
             seen = slots < settled
             clean = _settled_mask(group[:length], fill) & seen[None, :] & seen[:, None]  # [d, d]
@@ -214,9 +223,11 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
             bottom = jnp.concatenate([jnp.broadcast_to(seen, (cells, length)), window_mask], 1)
             full_sigma = None if sigma is None else jnp.concatenate(
                 [jnp.zeros((batch, length), sigma.dtype), sigma], 1)
+            full_scoring = {name: jnp.concatenate([jnp.zeros((batch, length), value.dtype), value],
+                                                  1) for name, value in scoring.items()}
             output = model(jnp.concatenate([x[:, :length], cell_tokens], 1),
                            jnp.concatenate([slots, cell_positions]), full_sigma,
-                           mask=jnp.concatenate([top, bottom], 0))[:, length:]
+                           mask=jnp.concatenate([top, bottom], 0), **full_scoring)[:, length:]
         target = jax.lax.dynamic_slice_in_dim(x, settled, width, axis=1)  # [B, W]
         target_positions = settled + jnp.arange(width)
         target_fixed = jax.lax.dynamic_slice_in_dim(fixed_pad, settled, width, axis=1)
@@ -282,9 +293,8 @@ def generate_cached(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
         fill = "causal" if shifted else "block"
     if fill not in ("causal", "block"):
         raise ValueError(f"fill must be 'causal' or 'block', got fill={fill!r}")
-    if shifted and not bool(jnp.all(fixed[:, 0])):
-        raise ValueError("shifted=True needs position 0 fixed in every sequence (a prompt or BOS "
-                         "token): got fixed[:, 0] not all True")
+    if shifted:
+        check_shifted_start(fixed)
     prefix = fixed_prefix(fixed) if prefill else 0
     plan = window_plan(hyperschedule, shifted, prefix)
     graphdef, state = nnx.split(model)

@@ -251,7 +251,8 @@ def sample(run: RestoredRun, step: ReverseStep, key: jax.Array, *, num_samples: 
     with activate(setup.mesh, setup.rules):
         if objective.layout_kind == "flat":
             return generate(model, key, hyperschedule, objective.schedule, step, tokens=tokens,
-                            fixed=fixed, return_trajectory=return_trajectory)
+                            fixed=fixed, shifted=objective.shifted,
+                            return_trajectory=return_trajectory)
         return generate_cached(model, key, hyperschedule, objective.schedule, step, tokens=tokens,
                                fixed=fixed, shifted=objective.shifted,
                                return_trajectory=return_trajectory)

@@ -15,7 +15,12 @@ anywhere skips the network (``jax.lax.cond``), so the number of network calls (N
 transitions with a level change: ``T`` for ``flat`` with ``T`` steps.
 
 Prompts and infilling: ``fixed [B, d]`` marks positions that never change; they are fed as clean
-tokens (``sigma_bar = 0``) and the step sees no noise change there. The KV-cached window drivers for
+tokens (``sigma_bar = 0``) and the step sees no noise change there.
+
+SHIFTED models (seed 000 Fig. 5b, ``shifted=True``): cell ``p`` reads position ``p`` and predicts
+position ``p + 1``, so the outputs are moved one position right (position 0, which has no cell
+predicting it, must be fixed: a BOS or prompt), and score networks are told the state of the
+position each cell predicts (``score_tokens`` / ``score_sigma_bar`` of the DiT). The KV-cached window drivers for
 block / slide hyperschedules and BD3-LM's arbitrary-length generation are in
 :mod:`hybriddiff.sampling.cached`.
 """
@@ -195,11 +200,26 @@ def network_sigma(config: Any, noise: NoiseLevels) -> Array | None:
     return noise.sigma_bar if config.needs_sigma_bar else None
 
 
+def score_context(config: Any, tokens: Array, noise: NoiseLevels) -> dict[str, Array]:
+    """The DiT's ``score_tokens`` / ``score_sigma_bar`` keywords: the state ``tokens [B, W]`` and
+    ``noise`` of the positions the cells predict, for score networks (none for the others)."""
+    if config.output != "score":
+        return {}
+    return dict(score_tokens=tokens, score_sigma_bar=noise.sigma_bar)
+
+
+def check_shifted_start(fixed: Array) -> None:
+    """SHIFTED generation needs position 0 fixed in every row (no cell predicts it)."""
+    if not bool(jnp.all(fixed[:, 0])):
+        raise ValueError("shifted=True needs position 0 fixed in every sequence (a prompt or BOS "
+                         "token; no SHIFTED cell predicts it): got fixed[:, 0] not all True")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "hyperschedule", "schedule", "step",
-                                             "return_trajectory"))
+                                             "shifted", "return_trajectory"))
 def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: Array,
                  fixed: Array, *, hyperschedule: Hyperschedule, schedule: NoiseSchedule,
-                 step: ReverseStep, return_trajectory: bool = False
+                 step: ReverseStep, shifted: bool = False, return_trajectory: bool = False
                  ) -> tuple[Array, Array | None]:
     """The jitted scan of :func:`generate` over ``nnx.split(model)``: tokens [B, d] and, with
     ``return_trajectory``, the states [T + 1, B, d] (else None)."""
@@ -219,7 +239,13 @@ def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: A
 
         def denoise(x: Array) -> Array:
             model = merge_for_inference(graphdef, state)
-            output = model(x, positions, network_sigma(config, now))  # [B, d, N]
+            if shifted:  # cell p predicts position p + 1; the last cell's output is discarded
+                ahead = jax.tree.map(lambda a: jnp.roll(a, -1, axis=1), now)
+                output = model(x, positions, network_sigma(config, now),
+                               **score_context(config, jnp.roll(x, -1, axis=1), ahead))
+                output = jnp.roll(output, 1, axis=1)  # [B, d, N]; position 0 is fixed
+            else:
+                output = model(x, positions, network_sigma(config, now))  # [B, d, N]
             x_next = step(jax.random.fold_in(key, t), x, output, now, nxt)
             return jnp.where(fixed, x, x_next.astype(x.dtype))
 
@@ -234,7 +260,7 @@ def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: A
 
 def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
              schedule: NoiseSchedule, step: ReverseStep, *, tokens: Array | None = None,
-             fixed: Array | None = None, batch_size: int | None = None,
+             fixed: Array | None = None, batch_size: int | None = None, shifted: bool = False,
              return_trajectory: bool = False) -> GenerationResult:
     """Full-sequence generation under ``hyperschedule`` (module docstring).
 
@@ -247,6 +273,7 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
       tokens: initial state [B, d] (e.g. from :func:`prompt_state`); default all MASK.
       fixed: [B, d] bool positions that never change (prompt, infilling), default none.
       batch_size: B when ``tokens`` is None.
+      shifted: the model is SHIFTED (module docstring); position 0 must be fixed.
       return_trajectory: also return the state after every transition, [T + 1, B, d].
     Returns:
       :class:`GenerationResult` with tokens [B, d], NFE and wall seconds (and the trajectory).
@@ -261,10 +288,12 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
                              f"batch_size={batch_size!r}")
         tokens = jnp.full((batch_size, length), config.mask_id, jnp.int32)
     tokens, fixed = check_state(tokens, fixed, length)
+    if shifted:
+        check_shifted_start(fixed)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
     x, states = generate_jit(graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule,
-                             schedule=schedule, step=step,
+                             schedule=schedule, step=step, shifted=bool(shifted),
                              return_trajectory=bool(return_trajectory))
     x, states = jax.block_until_ready((x, states))
     seconds = time.perf_counter() - start

@@ -242,10 +242,6 @@ def _validate_hyperschedule(config: ml_collections.ConfigDict, loss: str) -> Non
     if kind == "quench" and alignment != "shifted":
         _fail("hyperschedule.alignment", alignment,
               "must be 'shifted' with kind='quench' (an ALIGNED quench is block width 1)")
-    if alignment == "shifted" and loss == "dwdse":
-        _fail("hyperschedule.alignment", alignment,
-              "is not supported with loss.kind='dwdse': the DiT's score head reads the cell's own "
-              "input token as x_t, which is the ALIGNED configuration (seed 000 Fig. 5)")
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
@@ -316,9 +312,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     """Rejects a bad config before anything compiles; the ValueError names the key and its value.
 
     Checks every group of ``configs/base.py``: value ranges (e.g. γ, ε in (0, 1)), enumerations,
-    loss/process/hyperschedule compatibility (DWDSE only with γ-hybrid processes and ALIGNED,
-    HDCE only with ε-hybrid, the causal LM only with quench + SHIFTED, BD3 clipping only with
-    MDLM), the block width dividing ``data.seq_len``, the optimizer and schedule settings, and
+    loss/process/hyperschedule compatibility (DWDSE only with γ-hybrid processes, HDCE only
+    with ε-hybrid, the causal LM only with quench + SHIFTED, BD3 clipping only with MDLM), the
+    block width dividing ``data.seq_len``, the optimizer and schedule settings, and
     the parallel layout: ``mesh.shape`` against ``num_devices`` and ``train.batch_size`` divisible
     by the data-parallel size ``data * fsdp`` and by ``num_processes``. ``None`` means the
     current ``jax.device_count()`` / ``jax.process_count()``.

@@ -247,13 +247,15 @@ def batch_sharding(setup: Setup, mesh: Mesh | None = None) -> NamedSharding:
 def make_apply_fn(setup: Setup, params: PyTree, *, deterministic: bool = True,
                   dropout_key: jax.Array | None = None) -> ApplyFn:
     """The DiT with ``params`` as an ``objective.ApplyFn`` (what objectives and bounds call); it
-    drops ``sigma_bar`` when the network reads no noise level. Usable inside ``jax.jit``."""
+    drops ``sigma_bar`` when the network reads no noise level and passes the score context of
+    SHIFTED score networks through. Usable inside ``jax.jit``."""
     model = nnx.merge(setup.graphdef, params, placeholder_rest(setup.abstract_rest))
     needs_sigma = setup.model_config.needs_sigma_bar
 
-    def apply(tokens, positions, sigma_bar, mask):
+    def apply(tokens: jax.Array, positions: jax.Array, sigma_bar: jax.Array, mask: Any,
+              **score_context: jax.Array) -> jax.Array:
         return model(tokens, positions, sigma_bar if needs_sigma else None, mask=mask,
-                     deterministic=deterministic, dropout_key=dropout_key)
+                     deterministic=deterministic, dropout_key=dropout_key, **score_context)
 
     return apply
 

@@ -69,8 +69,9 @@ __all__ = [
 ]
 
 Array = jax.Array
-# (tokens [B, S], positions [S], sigma_bar [B, S], mask [S, S] | None) -> outputs [B, S, N]
-ApplyFn = Callable[[Array, Array, Array, "np.ndarray | Array | None"], Array]
+# (tokens [B, S], positions [S], sigma_bar [B, S], mask [S, S] | None) -> outputs [B, S, N]; score
+# networks on SHIFTED layouts are also given ``score_tokens=`` / ``score_sigma_bar=`` [B, S] (forward).
+ApplyFn = Callable[..., Array]
 
 LOSS_KINDS = ("dwdse", "hdce", "mdlm", "ar")
 LAYOUT_KINDS = ("flat", "block", "slide", "quench")
@@ -295,14 +296,24 @@ def forward(objective: Objective, apply_fn: ApplyFn, layout: masks.TrainingLayou
     """Runs the network over the layout's slots; returns outputs ``[B, S, N]``.
 
     Slot inputs come from ``buffer_tokens ⊕ x0`` (padding gets MASK) and the per-slot noise level
-    from ``buffer_sigma ⊕ 0`` (clean tokens are at ``sigma = 0``).
+    from ``buffer_sigma ⊕ 0`` (clean tokens are at ``sigma = 0``). A SHIFTED cell's output is about
+    the next position, so a score network there is also given that position's state and level
+    (``score_tokens`` / ``score_sigma_bar``, the inputs where the output is discarded); an ALIGNED
+    cell's output is about its own input.
     """
     chex.assert_rank(x0, 2)
     tokens = masks.gather_inputs(layout, buffer_tokens, x0, fill=objective.mask_id)  # [B, S]
     clean_sigma = jnp.zeros(x0.shape, buffer_sigma.dtype)
     sigma_in = masks.gather_inputs(layout, buffer_sigma, clean_sigma)  # [B, S]
+    score_context = {}
+    if objective.score_output and layout.shifted:
+        kept = jnp.asarray(layout.target_index) >= 0  # [S]
+        score_context = dict(
+            score_tokens=jnp.where(kept, masks.gather_targets(layout, buffer_tokens, x0), tokens),
+            score_sigma_bar=jnp.where(kept, masks.gather_targets(layout, buffer_sigma, clean_sigma),
+                                      sigma_in))
     out = apply_fn(tokens, jnp.asarray(layout.positions), sigma_in,
-                   objective.attention_mask(layout))
+                   objective.attention_mask(layout), **score_context)
     chex.assert_shape(out, (*tokens.shape, objective.process.num_tokens))
     return out
 

@@ -40,6 +40,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def shifted_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """γ-hybrid score models in the SHIFTED configuration (seed 000 Fig. 5b): flat and block."""
+    base = tmp_path_factory.mktemp("shifted")
+    shifted = "--config.hyperschedule.alignment=shifted"
+    train_runs.train(tmp_path_factory, base / "flat", *SMALL, shifted)
+    train_runs.train(tmp_path_factory, base / "block", *SMALL, shifted,
+                     "--config.hyperschedule.kind=block", "--config.hyperschedule.width=32")
+    return {"flat": base / "flat", "block": base / "block"}
+
+
+@pytest.fixture(scope="module")
 def block_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BD3-LM run (absorb, mdlm, block width 32) that keeps an EMA."""
     workdir = tmp_path_factory.mktemp("runs") / "block"
@@ -114,6 +125,26 @@ def test_eval_reports_finite_bound_gen_ppl_and_entropy(runs: dict[str, Path],
     np.testing.assert_allclose(result["perplexity_bound"], math.exp(result["nll_per_token"]))
     np.testing.assert_allclose(result["gen_ppl"], math.exp(result["gen_nll_per_token"]), rtol=1e-6)
     assert result["entropy"] <= math.log(259)
+
+
+@pytest.mark.parametrize("kind, nfe", [("flat", 4), ("block", 16)])
+def test_shifted_score_runs_sample_after_bos_and_bound_the_rest(
+        shifted_runs: dict[str, Path], kind: str, nfe: int, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """SHIFTED γ runs: samples start with the BOS that no cell predicts (block: 4 blocks of 32
+    with 4 levels each, from the KV cache), and the bound covers the other 127 tokens per row."""
+    samples, result = tmp_path / "s.jsonl", tmp_path / "eval.json"
+    code, _, err = run(capsys, "sample", f"--workdir={shifted_runs[kind]}", "--num_samples=2",
+                       "--batch_size=2", "--steps=4", f"--output={samples}")
+    assert code == 0, err
+    for line in map(json.loads, samples.read_text().splitlines()):
+        assert line["tokens"][0] == 256 and line["sampler"] == "analytic" and line["nfe"] == nfe
+        assert len(line["tokens"]) == 128 and all(0 <= t < 259 for t in line["tokens"])
+    code, _, err = run(capsys, "eval", f"--workdir={shifted_runs[kind]}", "--num_batches=1",
+                       f"--output={result}")
+    assert code == 0, err
+    bound = json.loads(result.read_text())
+    assert bound["num_tokens"] == 8 * 127 and 0 < bound["nll_per_token"] < 20
 
 
 def test_ar_judge_equals_the_exact_autoregressive_nll(runs: dict[str, Path]) -> None:

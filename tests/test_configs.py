@@ -20,8 +20,9 @@ from hybriddiff.training import core
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.py"))
 DEMOS = ["demo", "demo_flat", "demo_block"]
-PAPER = ["lm1b_gamma_flat", "lm1b_gamma_block", "lm1b_epsilon_flat", "lm1b_bd3", "lm1b_ar",
-         "owt_gamma_flat", "owt_gamma_block", "owt_epsilon_flat", "owt_bd3", "owt_gamma_block_stage2"]
+PAPER = ["lm1b_gamma_flat", "lm1b_gamma_block", "lm1b_gamma_block_shifted", "lm1b_epsilon_flat",
+         "lm1b_bd3", "lm1b_ar", "owt_gamma_flat", "owt_gamma_flat_shifted", "owt_gamma_block",
+         "owt_epsilon_flat", "owt_bd3", "owt_gamma_block_stage2"]
 EXPERIMENTS = DEMOS + PAPER
 
 
@@ -52,6 +53,13 @@ def test_paper_hyperparameters():
             (1024, "openwebtext", "gpt2")
         assert (config.data.seq_len, config.data.source, config.data.tokenizer) == expected, name
     assert load("owt_gamma_flat").process.gamma == 0.01
+    for shifted, aligned in (("lm1b_gamma_block_shifted", "lm1b_gamma_block"),
+                             ("owt_gamma_flat_shifted", "owt_gamma_flat")):
+        config, other = load(shifted), load(aligned)
+        assert (config.hyperschedule.alignment, other.hyperschedule.alignment) == ("shifted",
+                                                                                  "aligned")
+        other.hyperschedule.alignment = "shifted"
+        assert config.to_dict() == other.to_dict(), shifted
     assert load("lm1b_gamma_flat").process.gamma == 0.02  # seed 000 Table 2
     for name in ("lm1b_epsilon_flat", "owt_epsilon_flat"):
         assert (load(name).process.epsilon, load(name).loss.kind) == (0.01, "hdce")

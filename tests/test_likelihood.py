@@ -319,6 +319,62 @@ def test_gamma_bound_is_tight_for_the_exact_scores():
     np.testing.assert_allclose(bound, nll, atol=4 * error.max() + 1e-2)
 
 
+def exact_row_scores(p: np.ndarray, process: GammaHybrid, length: int):
+    """Exact concrete scores of distribution p for rows noised position by position:
+    ``(x_t [B, L], sigma_bar [B, L]) -> log q(x_t with x_i = y) / q(x_t)`` [B, L, N], where
+    ``q(x_t) = Σ_x0 p(x0) Π_i q_{sigma_i}(x_t,i | x0_i)``; a position at sigma 0 is conditioned on."""
+    rows = jnp.asarray(all_rows(NUM_TOKENS, length))  # [M, L]
+    prob = jnp.asarray(p, jnp.float32)
+    states = jnp.arange(NUM_TOKENS)
+
+    def scores(tokens, sigma_bar):
+        marginal = lambda s: process.marginal(states, jnp.full(NUM_TOKENS, s))  # noqa: E731
+        kernel = jnp.swapaxes(jax.vmap(jax.vmap(marginal))(sigma_bar), -1, -2)  # [B, L, N+1, N]
+        b = jnp.arange(tokens.shape[0])[:, None, None]
+        i = jnp.arange(length)[None, None, :]
+        factors = kernel[b, i, tokens[:, None, :], rows[None]]  # [B, M, L]
+        q_x = jnp.sum(prob * jnp.prod(factors, axis=-1), axis=-1)  # [B]
+        out = []
+        for pos in range(length):
+            others = jnp.prod(jnp.delete(factors, pos, axis=-1), axis=-1)  # [B, M]
+            at_pos = kernel[:, pos, :NUM_TOKENS, :][:, :, rows[:, pos]]  # [B, N (y), M]
+            out.append(jnp.einsum("bm,bym->by", prob * others, at_pos))
+        return jnp.log(jnp.stack(out, axis=1)) - jnp.log(q_x)[:, None, None]
+
+    return scores
+
+
+def test_shifted_gamma_bound_is_tight_for_the_exact_conditional_scores():
+    """SHIFTED flat γ-hybrid (seed 000 Fig. 5b): cell p reads x_t[p] and scores position p + 1,
+    whose state and level it is told; position 0 is clean conditioning. With the exact scores the
+    bound is -log p(x[1:] | x[0]) over L - 1 tokens; scoring the cells' own positions is not."""
+    length = 3
+    p = data_distribution(length, seed=6)
+    process = GammaHybrid(NUM_TOKENS, 0.3)
+    objective = Objective(process=process, schedule=LogLinear(1e-3), loss_kind="dwdse",
+                          layout_kind="flat", length=length, width=length, shifted=True)
+    scores = exact_row_scores(p, process, length)
+
+    def shifted(tokens, positions, sigma_bar, mask, score_tokens, score_sigma_bar):
+        """The row the cells score: x[0] (clean), then each cell's predicted state."""
+        row = jnp.concatenate([tokens[:, :1], score_tokens[:, :-1]], axis=1)
+        levels = jnp.concatenate([jnp.zeros_like(sigma_bar[:, :1]), score_sigma_bar[:, :-1]], 1)
+        out = scores(row, levels)  # [B, L, N] at positions 0..L-1
+        return jnp.concatenate([out[:, 1:], jnp.zeros_like(out[:, :1])], axis=1)
+
+    def own(tokens, positions, sigma_bar, mask, score_tokens, score_sigma_bar):
+        return scores(tokens, sigma_bar)  # cell p scoring its own position p
+
+    rows = all_rows(NUM_TOKENS, length)
+    conditional = p.reshape(NUM_TOKENS, -1) / p.reshape(NUM_TOKENS, -1).sum(1, keepdims=True)
+    nll = -np.log(conditional.ravel())  # -log p(x[1:] | x[0]) in the order of all_rows
+    bound, error, tokens = mean_bound(objective, shifted, rows)
+    assert tokens == length - 1
+    np.testing.assert_allclose(bound, nll, atol=4 * error.max() + 1e-2)
+    wrong, wrong_error, _ = mean_bound(objective, own, rows)
+    assert np.mean(wrong - nll) > 1.0 + 4 * wrong_error.max()  # far off: about 6.6 nats
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
 def test_gamma_bound_is_valid_for_any_network(gamma):
     process = GammaHybrid(NUM_TOKENS, gamma)

@@ -55,6 +55,14 @@ def score_model(model: DiT) -> DiT:
     return dit
 
 
+@pytest.fixture(scope="module")
+def timeless_model(model: DiT) -> DiT:
+    """A network that reads no noise level (ε-hybrid / MDLM without time conditioning)."""
+    dit = DiT(dataclasses.replace(model.config, time_conditioning=False), rngs=nnx.Rngs(3))
+    assert not dit.config.needs_sigma_bar
+    return dit
+
+
 SCORE_STEP = ScoreReverse(GammaHybrid(N, 0.3))
 SCORE_STEP_JIT = jax.jit(SCORE_STEP)
 _LEVEL_NOISE = jax.jit(level_noise, static_argnums=(0, 2))
@@ -314,6 +322,26 @@ def test_flat_shifted_generation_moves_each_output_one_position_right(
         assert np.any(np.array(aligned.tokens) != x)  # dominated by the noise term here)
     with pytest.raises(ValueError, match="shifted=True needs position 0 fixed"):
         generate(dit, key, schedule, SCHEDULE, step, batch_size=2, shifted=True)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_time_independent_network_is_called_only_after_a_change(timeless_model: DiT,
+                                                                 shifted: bool) -> None:
+    """MDLM's cached sampler: with more steps than tokens most transitions change nothing, and
+    a network that reads no noise level is called again only once the state has changed; the
+    tokens are those of calling it at every step."""
+    schedule = hs.flat(6, 24)
+    key = jax.random.key(9)
+    tokens, fixed = prompt_state(jnp.array([[1], [4], [7]]), 6, MASK)
+    runs = [generate(timeless_model, key, schedule, SCHEDULE, STEP, tokens=tokens, fixed=fixed,
+                     shifted=shifted, reuse_predictions=reuse, return_trajectory=True)
+            for reuse in (True, False)]
+    np.testing.assert_array_equal(np.array(runs[0].trajectory), np.array(runs[1].trajectory))
+    states = np.array(runs[0].trajectory)  # [T + 1, B, d]
+    changed = np.any(states[1:-1] != states[:-2], axis=(1, 2))  # after transitions 0..T-2
+    assert runs[0].nfe == 1 + changed.sum()
+    assert runs[1].nfe == 24 and runs[0].nfe < 24
+    assert not np.any(states[-1] == MASK)
 
 
 @pytest.mark.parametrize("predictor, reference", [("analytic", analytic_step),

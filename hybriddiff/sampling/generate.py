@@ -11,8 +11,12 @@ dataclasses, so a driver jits them as static arguments.
 :func:`generate` runs one ``jax.lax.scan`` over the ``T`` transitions of any hyperschedule (flat,
 block, slide, quench, a user array; any rate) with the whole sequence fed to the network with full
 bidirectional attention at every step (MDLM / SEDD style). A transition whose levels do not change
-anywhere skips the network (``jax.lax.cond``), so the number of network calls (NFE) is the number of
-transitions with a level change: ``T`` for ``flat`` with ``T`` steps.
+anywhere skips the network (``jax.lax.cond``), so the number of network calls (NFE) is at most the
+number of transitions with a level change: ``T`` for ``flat`` with ``T`` steps. A network that
+reads no noise level (ε-hybrid, MDLM without time conditioning) gives the same output for the same
+state, so the driver keeps its last output and calls it again only after a transition that changed
+a token (MDLM's cached sampler; the tokens are those of calling it every step). With ``T`` larger
+than the number of tokens, most transitions change nothing and the NFE drops well below ``T``.
 
 Prompts and infilling: ``fixed [B, d]`` marks positions that never change; they are fed as clean
 tokens (``sigma_bar = 0``) and the step sees no noise change there.
@@ -216,13 +220,15 @@ def check_shifted_start(fixed: Array) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hyperschedule", "schedule", "step",
-                                             "shifted", "return_trajectory"))
+                                             "shifted", "reuse", "return_trajectory"))
 def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: Array,
                  fixed: Array, *, hyperschedule: Hyperschedule, schedule: NoiseSchedule,
-                 step: ReverseStep, shifted: bool = False, return_trajectory: bool = False
-                 ) -> tuple[Array, Array | None]:
-    """The jitted scan of :func:`generate` over ``nnx.split(model)``: tokens [B, d] and, with
-    ``return_trajectory``, the states [T + 1, B, d] (else None)."""
+                 step: ReverseStep, shifted: bool = False, reuse: bool = False,
+                 return_trajectory: bool = False) -> tuple[Array, Array | None, Array]:
+    """The jitted scan of :func:`generate` over ``nnx.split(model)``: tokens [B, d], with
+    ``return_trajectory`` the states [T + 1, B, d] (else None), and the network calls (int32).
+    ``reuse``: keep the last output and call the network again only once the state has changed
+    (valid for networks that read no noise level)."""
     config = nnx.merge(graphdef, state).config
     tau = hyperschedule.tau_jnp()  # [T+1, d]
     num_levels = hyperschedule.num_levels
@@ -230,38 +236,56 @@ def generate_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, tokens: A
     batch, length = tokens.shape
     positions = jnp.arange(length, dtype=jnp.int32)
 
-    def body(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, Array | None]:
+    def predict(x: Array, now: NoiseLevels) -> Array:
+        """The network's output about every position, [B, d, N]."""
+        model = merge_for_inference(graphdef, state)
+        if not shifted:
+            return model(x, positions, network_sigma(config, now))
+        # SHIFTED: cell p predicts position p + 1; the last cell's output is discarded.
+        ahead = jax.tree.map(lambda a: jnp.roll(a, -1, axis=1), now)
+        output = model(x, positions, network_sigma(config, now),
+                       **score_context(config, jnp.roll(x, -1, axis=1), ahead))
+        return jnp.roll(output, 1, axis=1)  # position 0 is fixed
+
+    Carry = tuple[Array, Array, Array, Array]  # x [B, d], output [B, d, N] or [], stale, calls
+
+    def body(carry: Carry, inputs: tuple[Array, Array, Array, Array]
+             ) -> tuple[Carry, Array | None]:
         t, level_now, level_next, call = inputs
         now = masked_noise(schedule, jnp.broadcast_to(level_now, (batch, length)), num_levels,
                            fixed)
         nxt = masked_noise(schedule, jnp.broadcast_to(level_next, (batch, length)), num_levels,
                            fixed)
 
-        def denoise(x: Array) -> Array:
-            model = merge_for_inference(graphdef, state)
-            if shifted:  # cell p predicts position p + 1; the last cell's output is discarded
-                ahead = jax.tree.map(lambda a: jnp.roll(a, -1, axis=1), now)
-                output = model(x, positions, network_sigma(config, now),
-                               **score_context(config, jnp.roll(x, -1, axis=1), ahead))
-                output = jnp.roll(output, 1, axis=1)  # [B, d, N]; position 0 is fixed
+        def denoise(carry: Carry) -> Carry:
+            x, output, stale, calls = carry
+            if reuse:
+                output, calls = jax.lax.cond(stale, lambda: (predict(x, now), calls + 1),
+                                             lambda: (output, calls))
+                prediction = output
             else:
-                output = model(x, positions, network_sigma(config, now))  # [B, d, N]
-            x_next = step(jax.random.fold_in(key, t), x, output, now, nxt)
-            return jnp.where(fixed, x, x_next.astype(x.dtype))
+                prediction, calls = predict(x, now), calls + 1
+            x_next = step(jax.random.fold_in(key, t), x, prediction, now, nxt)
+            x_next = jnp.where(fixed, x, x_next.astype(x.dtype))
+            return x_next, output, jnp.any(x_next != x), calls
 
-        x = jax.lax.cond(call, denoise, lambda x: x, x)
-        return x, x if return_trajectory else None
+        carry = jax.lax.cond(call, denoise, lambda c: c, carry)
+        return carry, carry[0] if return_trajectory else None
 
     steps = jnp.arange(hyperschedule.num_steps, dtype=jnp.int32)
-    x, states = jax.lax.scan(body, tokens, (steps, tau[:-1], tau[1:], jnp.asarray(changes)))
+    kept = (batch, length, config.num_tokens) if reuse else ()
+    carry = (tokens, jnp.zeros(kept, jnp.float32), jnp.asarray(True), jnp.zeros((), jnp.int32))
+    (x, _, _, calls), states = jax.lax.scan(body, carry, (steps, tau[:-1], tau[1:],
+                                                          jnp.asarray(changes)))
     chex.assert_shape(x, (batch, length))
-    return x, with_start(tokens, states)
+    return x, with_start(tokens, states), calls
 
 
 def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
              schedule: NoiseSchedule, step: ReverseStep, *, tokens: Array | None = None,
              fixed: Array | None = None, batch_size: int | None = None, shifted: bool = False,
-             return_trajectory: bool = False) -> GenerationResult:
+             reuse_predictions: bool = True, return_trajectory: bool = False
+             ) -> GenerationResult:
     """Full-sequence generation under ``hyperschedule`` (module docstring).
 
     Args:
@@ -274,6 +298,9 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
       fixed: [B, d] bool positions that never change (prompt, infilling), default none.
       batch_size: B when ``tokens`` is None.
       shifted: the model is SHIFTED (module docstring); position 0 must be fixed.
+      reuse_predictions: for a network that reads no noise level (``config.needs_sigma_bar``
+        False: ε-hybrid, MDLM without time conditioning), reuse its last output while the state
+        is unchanged (MDLM's cached sampler; module docstring). Ignored for other networks.
       return_trajectory: also return the state after every transition, [T + 1, B, d].
     Returns:
       :class:`GenerationResult` with tokens [B, d], NFE and wall seconds (and the trajectory).
@@ -292,10 +319,11 @@ def generate(model: nnx.Module, key: Array, hyperschedule: Hyperschedule,
         check_shifted_start(fixed)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
-    x, states = generate_jit(graphdef, state, key, tokens, fixed, hyperschedule=hyperschedule,
-                             schedule=schedule, step=step, shifted=bool(shifted),
-                             return_trajectory=bool(return_trajectory))
-    x, states = jax.block_until_ready((x, states))
+    reuse = bool(reuse_predictions) and not config.needs_sigma_bar
+    x, states, calls = generate_jit(graphdef, state, key, tokens, fixed,
+                                    hyperschedule=hyperschedule, schedule=schedule, step=step,
+                                    shifted=bool(shifted), reuse=reuse,
+                                    return_trajectory=bool(return_trajectory))
+    x, states, calls = jax.block_until_ready((x, states, calls))
     seconds = time.perf_counter() - start
-    nfe = int(np.any(hyperschedule.tau[:-1] != hyperschedule.tau[1:], axis=1).sum())
-    return GenerationResult(tokens=x, nfe=nfe, seconds=seconds, trajectory=states)
+    return GenerationResult(tokens=x, nfe=int(calls), seconds=seconds, trajectory=states)

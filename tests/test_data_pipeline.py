@@ -98,6 +98,21 @@ def test_nothing_lost_or_duplicated_across_rows_epochs_and_hosts(
                 assert Counter(shuffled[h][:per_host]) == Counter(ordered[h])
 
 
+def test_neighbouring_seeds_do_not_share_epochs(prepared: Path) -> None:
+    """Grain reshuffles epoch e with (shuffle seed + e); with the raw seed, run seed s's second
+    epoch would be run seed s + 1's first. The pipeline hashes the seed first."""
+    def order(seed: int, epochs: int) -> list[tuple[int, ...]]:
+        pipeline = make_pipeline(prepared, seq_len=16, global_batch_size=1, seed=seed,
+                                 num_epochs=epochs, num_threads=0)
+        return [tuple(row) for batch in pipeline.iterator for row in batch.tolist()]
+
+    two = order(5, 2)
+    half = len(two) // 2
+    assert sorted(two[:half]) == sorted(two[half:])  # both epochs are every row once
+    assert two[half:] != order(6, 1) and two[:half] != order(6, 1)
+    assert two[half:] != two[:half]  # and the second epoch is reshuffled
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)

@@ -77,6 +77,13 @@ class PipelineConfig:
             )
 
 
+def shuffle_seed(seed: int) -> int:
+    """The Grain shuffle seed of a pipeline seed: a 32-bit hash of it. Grain reshuffles epoch
+    ``e`` with ``shuffle_seed + e``, so hashing keeps run seed ``s``'s second epoch from being run
+    seed ``s + 1``'s first (as the raw seed would)."""
+    return int(np.random.SeedSequence((seed, 0x5EED)).generate_state(1, np.uint32)[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class WrapStats:
     """How the token stream was cut into rows and dealt to hosts."""
@@ -204,7 +211,7 @@ class DataPipeline:
             per_host_batch=per_host)
         indices = grain.MapDataset.range(rows_per_shard * count)[index::count]
         if config.shuffle:
-            indices = indices.shuffle(seed=config.seed)
+            indices = indices.shuffle(seed=shuffle_seed(config.seed))
         indices = indices.repeat(config.num_epochs)
         batches = indices.batch(per_host, drop_remainder=config.drop_remainder)
         #: Host batches, int32 `[per_host_batch, seq_len]`, as a random-access Grain dataset.

@@ -16,6 +16,8 @@ hyperschedule's width for the constructors) and a traced cache length.
   position with ``sigma_bar = 0``; cell ``j`` predicts position ``s + j`` from the cell at
   ``s + j - 1`` and the last cell's output is discarded (``W + 1`` cells). Position 0 has no
   predecessor, so it must be fixed (a prompt / BOS token); the driver uses ``s = max(s, 1)``.
+  A score network's head is told the state and level of the position each cell predicts
+  (``score_tokens`` / ``score_sigma_bar``; in ALIGNED that is the cell's own input).
 
 Cache filling (``fill``), matching the training layouts of :mod:`hybriddiff.masks`: ``"causal"``
 appends newly settled tokens token-causally (SHIFTED, and ALIGNED slides), ``"block"`` appends the

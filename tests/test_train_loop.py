@@ -5,9 +5,11 @@ SIGTERM, skipping a truncated checkpoint, stage-2 initialisation, and the metric
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import struct
+import subprocess
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -168,6 +170,34 @@ def test_init_from_starts_with_the_other_runs_parameters(
     end_of_reference = tr.records(reference, "valid")[NUM_STEPS]
     assert start["nll"] == end_of_reference["nll"]
     assert int(tr.read_state(workdir, 2)["['step']"]) == 2  # the optimizer and step start afresh
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), r"no checkpoint found in .*/nowhere/checkpoints"),
+    (("--config.model.num_layers=2",),
+     r"no value for 20 of the 58 arrays asked for, e\.g\. \['ema'\]\['blocks'\]\[1\].*written by "
+     r"a different model"),  # 10 arrays per block, in the parameters and the EMA
+    (("--config.model.d_model=64",), r"Requested shape: .* is not compatible with the stored shape"),
+])
+def test_init_from_errors_name_the_source_and_the_arrays(
+        reference: Path, tmp_path_factory: pytest.TempPathFactory, args: tuple[str, ...],
+        message: str) -> None:
+    """A stage-2 source without checkpoints, or a stage-2 model with arrays the source run never
+    saved (here a second layer) or of other shapes, stops before training with the source and
+    the offending arrays named."""
+    workdir = tmp_path_factory.mktemp("mismatch")
+    source = reference.parent / "nowhere" if not args else reference
+    done = subprocess.run(tr.command(workdir, "--config.train.num_steps=2",
+                                     f"--config.train.init_from={source}", *args),
+                          env=tr.run_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=300, cwd=tr.REPO)
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()
+    line = next(line for line in error if line.startswith("hybriddiff train: error:"))
+    assert f"train.init_from='{source}': cannot load its parameters" in line
+    assert re.search(message, line), line
+    saved = (workdir / "checkpoints").glob("*") if (workdir / "checkpoints").exists() else []
+    assert not [path.name for path in saved if path.name.isdigit()]  # no step was trained
 
 
 @pytest.mark.skipif(not tr.SHAKESPEARE.is_dir(), reason="shared/data/shakespeare is not beside the repo")

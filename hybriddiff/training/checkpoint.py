@@ -281,13 +281,29 @@ def load_params(
         failures: list[str] = []
         for candidate in candidates:
             try:
-                return dict(manager.restore(candidate, args=args)[_STATE])
+                restored = dict(manager.restore(candidate, args=args)[_STATE])
             except Exception as err:  # noqa: BLE001 - try the next older checkpoint
                 if step is not None:
                     raise
                 _log.warning("skipping checkpoint at step %d in %s: %s", candidate, directory,
                              _describe(err))
                 failures.append(f"step {candidate}: {_describe(err)}")
+                continue
+            _check_complete(restored, directory, candidate)
+            return restored
         raise RuntimeError(f"no checkpoint in {directory} could be read ({'; '.join(failures)})")
     finally:
         manager.close()
+
+
+def _check_complete(restored: PyTree, directory: epath.Path, step: int) -> None:
+    """A partial restore leaves the target's leaves that the checkpoint lacks abstract: refuse
+    them, naming a few, rather than train on placeholders."""
+    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    missing = [jax.tree_util.keystr(path) for path, leaf in leaves
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"the checkpoint at step {step} in {directory} has no value for "
+                         f"{len(missing)} of the {len(leaves)} arrays asked for, e.g. "
+                         f"{', '.join(missing[:3])}: it was written by a different model "
+                         "(compare the model sections of the two configs)")

@@ -359,7 +359,7 @@ def run(argv: Sequence[str] | None = None, *, configure_logging: bool = False) -
     try:
         {"train": _train, "prepare": _prepare, "sample": _sample, "eval": _eval, "demo": _demo,
          "plot": _plot}[parsed.command](parsed)
-    except (UserError, ValueError, FileNotFoundError, ImportError) as error:
+    except (UserError, ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
         _log.debug("%s failed", parsed.command, exc_info=True)
         print(f"hybriddiff {parsed.command}: error: {error}", file=sys.stderr)
         return 1

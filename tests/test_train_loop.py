@@ -200,6 +200,29 @@ def test_init_from_errors_name_the_source_and_the_arrays(
     assert not [path.name for path in saved if path.name.isdigit()]  # no step was trained
 
 
+def test_a_diverging_run_stops_with_a_message_and_keeps_its_checkpoints(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A non-finite training loss ends `hybriddiff train` with exit status 1 and one error line
+    naming the step and the keys to change; the checkpoint written before it stays readable."""
+    workdir = tmp_path_factory.mktemp("diverging")
+    done = subprocess.run(tr.command(workdir, "--config.train.num_steps=8",
+                                     "--config.train.checkpoint_every=1",
+                                     "--config.train.learning_rate=1e35"),
+                          env=tr.run_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=300, cwd=tr.REPO)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    line = next(line for line in done.stderr.splitlines()
+                if line.startswith("hybriddiff train: error:"))
+    found = re.search(r"the training loss is (nan|inf) at step (\d+) .*train\.learning_rate", line)
+    assert found, line
+    diverged = int(found.group(2))
+    kept = sorted(int(path.name) for path in (workdir / "checkpoints").iterdir()
+                  if path.name.isdigit())
+    assert kept and max(kept) < diverged
+    assert int(tr.read_state(workdir, max(kept))["['step']"]) == max(kept)
+
+
 @pytest.mark.skipif(not tr.SHAKESPEARE.is_dir(), reason="shared/data/shakespeare is not beside the repo")
 def test_trains_on_a_local_text_directory(tmp_path_factory: pytest.TempPathFactory) -> None:
     workdir = tmp_path_factory.mktemp("shakespeare")

@@ -278,7 +278,10 @@ def _log_scalars(step: int, split: str, scalars: dict[str, float]) -> None:
 
 def _check_finite(step: int, scalars: dict[str, float]) -> None:
     if not math.isfinite(scalars.get("loss", 0.0)):
-        raise FloatingPointError(f"the training loss is {scalars['loss']} at step {step}")
+        raise FloatingPointError(
+            f"the training loss is {scalars['loss']} at step {step} (mean since the last log "
+            "line); the checkpoints written before it are kept: lower train.learning_rate or "
+            "raise train.warmup_steps / train.grad_clip_norm before training again")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,

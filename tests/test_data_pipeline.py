@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybriddiff.data.pipeline import PipelineConfig, make_pipeline
+from hybriddiff.data.pipeline import PackedRows, PipelineConfig, make_pipeline
 from hybriddiff.data.prepare import prepare_dataset
 from data_helpers import ListSource
+from hybriddiff.data.store import TokenStore
 from hybriddiff.data.tokenizers import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,3 +222,40 @@ def test_bad_pipeline_arguments(prepared: Path) -> None:
         PipelineConfig(data_dir=str(prepared), seq_len=8, global_batch_size=2, seed=-1)
     with pytest.raises(ValueError, match="per-host batch 100000 exceeds"):
         make_pipeline(prepared, seq_len=16, global_batch_size=100_000, num_epochs=1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"global_batch_size": 0}, r"global_batch_size must be >= 1; got 0"),
+    ({"seed": 2**32}, r"seed must lie in \[0, 2\*\*32\); got 4294967296"),
+    ({"num_threads": -1}, r"num_threads and prefetch_buffer_size must be >= 0; got -1, 8"),
+    ({"prefetch_buffer_size": -2}, r"num_threads and prefetch_buffer_size must be >= 0; got 2, -2"),
+])
+def test_pipeline_config_names_the_bad_value(options: dict[str, int], message: str) -> None:
+    """Every rejected setting is reported with the value it was given."""
+    settings = {"seq_len": 8, "global_batch_size": 2, **options}
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(data_dir="unused", **settings)
+
+
+def test_fewer_rows_than_hosts_names_the_directory_and_counts(tmp_path: Path) -> None:
+    """The document "abc" + EOS fills one row of 4 tokens: two hosts would get nothing to read."""
+    prepare_dataset(ListSource(["abc"]), ByteTokenizer(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path)!r} has 1 rows of seq_len=4, "
+                                                   "fewer than shard_count=2")):
+        make_pipeline(tmp_path, seq_len=4, global_batch_size=2,
+                      shard_options=grain.sharding.ShardOptions(0, 2))
+
+
+def test_packed_rows_name_a_seq_len_without_room_and_out_of_range_rows(prepared: Path) -> None:
+    """PackedRows used directly (PipelineConfig would refuse seq_len=2 first)."""
+    store = TokenStore(prepared)
+    with pytest.raises(ValueError, match=r"seq_len=2 leaves no room for tokens \(bos_eos_framing=True\)"):
+        PackedRows(store, 2, bos_eos_framing=True)
+    rows = PackedRows(store, 16)
+    count = len(rows)
+    with pytest.raises(IndexError, match=rf"row index out of range for {count} rows: \[-1\]"):
+        rows.rows([-1])
+    with pytest.raises(IndexError, match=rf"row index out of range for {count} rows: \[ *0 +{count}\]"):
+        rows.rows([0, count])
+    with pytest.raises(IndexError, match=rf"for {count} rows: \[{count}\]"):
+        rows[count]

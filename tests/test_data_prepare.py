@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,57 @@ def test_sentencepiece_shakespeare_end_to_end(tmp_path: Path) -> None:
     batch = next(pipeline)
     np.testing.assert_array_equal(batch[:, 1:-1].reshape(-1), expected[:4 * 126])
     assert np.all(batch[:, 0] == tokenizer.bos_id) and np.all(batch[:, -1] == tokenizer.eos_id)
+
+
+class OutOfRangeBytes(ByteTokenizer):
+    """Byte tokenizer that maps every "z" to id 300, outside its 259 ids."""
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.where(ids == ord("z"), 300, ids).astype(np.int32) for ids in super().encode_batch(texts)]
+
+
+def test_ids_outside_the_vocabulary_name_the_documents(tmp_path: Path) -> None:
+    """The batch of documents 2..3 holds the id 300; nothing is marked finished."""
+    texts = ["fine", "also fine", "buzz", "ok"]
+    with pytest.raises(ValueError, match=r"tokenizer produced ids outside 0\.\.258 \(e\.g\. 300\) for documents 2\.\.3"):
+        prepare_dataset(ListSource(texts), OutOfRangeBytes(), tmp_path, batch_documents=2, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_store_names_bad_verify_windows_and_format_version(tmp_path: Path) -> None:
+    """A bad verify mode, windows past either end of the stream and a future format_version."""
+    prepare_dataset(ListSource(TEXTS), ByteTokenizer(), tmp_path, **OPTIONS)
+    with pytest.raises(ValueError, match="verify must be 'size' or 'checksum'; got 'sha1'"):
+        TokenStore(tmp_path, verify="sha1")  # type: ignore[arg-type]
+    store = TokenStore(tmp_path)
+    total = store.num_tokens
+    with pytest.raises(IndexError, match=rf"window \[0, {total + 1}\) outside the {total}-token stream"):
+        store.read(np.array([0, total - 3]), 4)
+    with pytest.raises(IndexError, match=rf"window \[-1, 3\) outside the {total}-token stream"):
+        store.read(np.array([-1]), 4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json' has format_version=99; this code reads 1"):
+        TokenStore(tmp_path)
+
+
+def test_unreadable_records_name_the_shard_and_directory(tmp_path: Path) -> None:
+    """A flipped byte fails the ArrayRecord read; a wrong chunk_tokens mis-sizes the records."""
+    prepare_dataset(ListSource(TEXTS), ByteTokenizer(), tmp_path, **OPTIONS)
+    shard = tmp_path / "shard-00000.array_record"
+    original = shard.read_bytes()
+    flipped = bytearray(original)
+    flipped[200] ^= 0xFF  # inside an early record chunk: same size, so only a read notices
+    shard.write_bytes(bytes(flipped))
+    store = TokenStore(tmp_path)
+    with pytest.raises(CorruptShardError, match=re.escape(
+            f"reading shard 'shard-00000.array_record' of {str(tmp_path)!r} failed: ")):
+        store.read(np.array([0]), store.num_tokens)  # every record
+    shard.write_bytes(original)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["chunk_tokens"] = 8  # the records hold 16 tokens each
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptShardError, match=re.escape(
+            f"records of {str(tmp_path)!r} hold 16 tokens where the manifest implies 8")):
+        TokenStore(tmp_path).read(np.array([0]), 4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,35 @@ def test_lm1b_detokenize(text: str, expected: str) -> None:
 def test_ptb_detokenize() -> None:
     text = "the company 's shares -lrb- up N % -rrb- fell and\\/or rose `` sharply '' said <unk> ."
     assert ptb_detokenize(text) == "the company's shares (up N%) fell and/or rose \"sharply\" said <unk>."
+
+
+def test_sentencepiece_model_without_bos_eos_is_named(tmp_path: Path) -> None:
+    """A model trained outside train_sentencepiece with bos_id = eos_id = -1."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=buffer, vocab_size=60,
+                                   bos_id=-1, eos_id=-1, minloglevel=2)
+    model = tmp_path / "no-specials.model"
+    model.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match=re.escape(
+            f"SentencePiece model {str(model)!r} has no BOS/EOS ids (bos_id=-1, eos_id=-1)")):
+        SentencePieceTokenizer(model)
+
+
+def test_sentencepiece_training_failure_names_the_vocab_size(tmp_path: Path) -> None:
+    """Three lines cannot fill 100000 pieces; no model file is left behind."""
+    with pytest.raises(ValueError, match="training with vocab_size=100000 on 3 lines failed: "):
+        train_sentencepiece(CORPUS, tmp_path / "big.model", 100_000)
+    assert not (tmp_path / "big.model").exists()
+
+
+def test_huggingface_tokenizer_without_eos_is_named(tmp_path: Path) -> None:
+    """A word-level tokenizer.json with none of the EOS candidates."""
+    from tokenizers import Tokenizer, models
+
+    word_level = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word_level.save(str(tmp_path / "tokenizer.json"))
+    named = re.escape(f"tokenizer {str(tmp_path)!r} has none of the EOS tokens (")
+    with pytest.raises(ValueError, match=named + r".*'</s>'.*; pass eos_token="):
+        HuggingFaceTokenizer(tmp_path)

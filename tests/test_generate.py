@@ -8,6 +8,7 @@ the flat schedule calling the network and the reverse step directly.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ import pytest
 from flax import nnx
 
 from hybriddiff import hyperschedules as hs
+from hybriddiff.data import ByteTokenizer
 from hybriddiff.model import DiT, DiTConfig
+from hybriddiff.model.sharding import activate, make_mesh
 from hybriddiff.sampling.cached import generate_blocks, generate_cached, window_plan
 from hybriddiff.sampling.categorical import CategoricalConfig
 from hybriddiff.processes import GammaHybrid
@@ -25,7 +28,10 @@ from hybriddiff.sampling.generate import (MDLMReverse, ScoreReverse, UnmaskRever
 from hybriddiff.sampling.score import analytic_step, euler_step
 from hybriddiff.sampling.steps import level_noise
 from hybriddiff.sampling.unmasking import UnmaskingConfig
+from hybriddiff.sampling import drive
 from hybriddiff.schedules import LogLinear
+from hybriddiff.training import config as config_lib
+from hybriddiff.training import core
 
 N = 11
 MASK = N
@@ -466,3 +472,55 @@ def test_errors(model: DiT) -> None:
     with pytest.raises(ValueError, match="block_width must be a positive integer"):
         generate_blocks(model, jax.random.key(0), block_width=0, max_length=8, schedule=SCHEDULE,
                         step=STEP, batch_size=1)
+
+
+@pytest.mark.parametrize("prompt, pattern", [
+    (jnp.zeros((1, 3), jnp.float32),
+     r"prompt must be an integer array \[batch, P\], got float32 \(1, 3\)"),
+    (jnp.zeros(3, jnp.int32), r"prompt must be an integer array \[batch, P\], got int32 \(3,\)"),
+], ids=["float", "1d"])
+def test_prompt_drivers_reject_bad_prompts(model: DiT, prompt: jax.Array, pattern: str) -> None:
+    """``prompt_state`` and ``generate_blocks`` refuse a prompt that is not ``int [batch, P]``."""
+    with pytest.raises(ValueError, match=pattern):
+        prompt_state(prompt, 6, MASK)
+    with pytest.raises(ValueError, match=pattern):
+        generate_blocks(model, jax.random.key(0), block_width=2, max_length=8, schedule=SCHEDULE,
+                        step=STEP, prompt=prompt)
+
+
+@pytest.fixture(scope="module")
+def block_run() -> drive.RestoredRun:
+    """An untrained BD3-LM run (``configs/demo_block.py`` shrunk to a 1-layer DiT on 32 bytes)."""
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    config = config_lib.load_config_file(configs / "demo_block.py")
+    config.model.update(num_layers=1, d_model=32, num_heads=2)
+    config.data.seq_len = 32
+    config.hyperschedule.update(width=8, num_levels=8)
+    tokenizer = ByteTokenizer()
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    setup = core.build(config, mesh, vocab_size=tokenizer.vocab_size)
+    with activate(mesh, setup.rules):
+        params = nnx.state(DiT(setup.model_config, rngs=nnx.Rngs(0)), nnx.Param)
+    return drive.RestoredRun(workdir=pathlib.Path("untrained"), config=config, setup=setup,
+                             params=params, tokenizer=tokenizer, step=0, ema=False)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda run: drive.inference_hyperschedule(run.setup, 0),
+     r"num_levels must be a positive integer, got num_levels=0"),
+    (lambda run: drive.inference_hyperschedule(run.setup, 2.5),
+     r"num_levels must be a positive integer, got num_levels=2\.5"),
+    (lambda run: drive.inference_hyperschedule(run.setup, True),
+     r"num_levels must be a positive integer, got num_levels=True"),
+    (lambda run: drive.sample(run, STEP, jax.random.key(0), num_samples=1, max_length=40,
+                              infill={20: [1, 2]}),
+     r"max_length generation takes a prompt only, got infill=\{20: \[1, 2\]\}"),
+    (lambda run: drive.sample(run, STEP, jax.random.key(0), num_samples=1, max_length=40,
+                              return_trajectory=True),
+     r"max_length generation takes a prompt only, got infill=\{\} and return_trajectory=True"),
+], ids=["zero-levels", "float-levels", "bool-levels", "max-length-infill",
+        "max-length-trajectory"])
+def test_drive_rejects_bad_arguments(block_run: drive.RestoredRun, call, pattern: str) -> None:
+    """``inference_hyperschedule`` and ``sample`` refuse bad levels / max_length combinations."""
+    with pytest.raises(ValueError, match=pattern):
+        call(block_run)

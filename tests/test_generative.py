@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +154,42 @@ def test_hugging_face_judge_without_packages_says_how_to_install(
     monkeypatch.setitem(sys.modules, missing, None)
     with pytest.raises(ImportError, match="pip install transformers torch"):
         huggingface.HuggingFaceJudge.load("/nonexistent")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got batch_size=0"),
+    ({"batch_size": -3}, "batch_size must be >= 1, got batch_size=-3"),
+    ({"ended": [True, False], "eos_id": 6}, r"one flag per text \(1\).*got 2 flags with eos_id=6"),
+])
+def test_generative_perplexity_names_bad_values(options: dict, message: str) -> None:
+    """A non-positive batch_size, or more ended flags than texts."""
+    with pytest.raises(ValueError, match=message):
+        generative.generative_perplexity(ToyJudge(), ["01"], **options)
+
+
+def test_reference_texts_need_as_many_rows_as_samples(tmp_path: Path) -> None:
+    """A stand-in run (seq_len 8, byte tokenizer) over 24 prepared tokens: 3 validation rows."""
+    from data_helpers import ListSource
+    from hybriddiff.data import ByteTokenizer, prepare_dataset
+    from hybriddiff.evaluation import runs
+
+    prepare_dataset(ListSource(["a short validation text"]), ByteTokenizer(), tmp_path / "validation",
+                    progress=False)
+    run = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(seq_len=8, bos_eos_framing=False)),
+                          tokenizer=ByteTokenizer())
+    prepared = SimpleNamespace(validation_dir=tmp_path / "validation")
+    assert runs.reference_texts(run, prepared, "validation", 3) == ["a short ", "validati", "on text"]
+    with pytest.raises(ValueError, match=r"the validation split \(validation\) has 3 rows, fewer than "
+                                         "the 5 samples MAUVE compares with"):
+        runs.reference_texts(run, prepared, "validation", 5)
+
+
+def test_evaluate_run_refuses_two_judges_before_any_work(tmp_path: Path) -> None:
+    """Both judges named: refused before the run is even looked for (it does not exist here)."""
+    from hybriddiff.evaluation import runs
+
+    with pytest.raises(ValueError, match=re.escape(
+            f"give one judge, not both: judge_workdir='{tmp_path / 'ar'}' and "
+            f"judge_hf='{tmp_path / 'gpt2'}'")):
+        runs.evaluate_run(tmp_path / "missing", gen_ppl=True, judge_workdir=str(tmp_path / "ar"),
+                          judge_hf=str(tmp_path / "gpt2"))

@@ -598,3 +598,26 @@ def test_errors_name_the_argument():
     for match, call in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda: mdlm_step(jax.random.key(0), jnp.full((2, L), MASK, jnp.int32),
+                           jnp.zeros((2, L, N), jnp.int32), jnp.zeros((2, L)), jnp.zeros((2, L))),
+         r"log_probs must be floating point, got dtype int32"),
+        (lambda: analytic_step(jax.random.key(0), jnp.full((2, L), MASK, jnp.int32),
+                               jnp.zeros((2, L, N), jnp.int32), jnp.zeros((2, L)),
+                               jnp.zeros((2, L)), GammaHybrid(N, 0.5)),
+         r"log_score must be floating point, got dtype int32"),
+        (lambda: level_noise(SCHEDULE, jnp.zeros(3, jnp.int32), 2.0),
+         r"num_levels must be an integer >= 1, got num_levels=2\.0"),
+        (lambda: level_noise(SCHEDULE, jnp.zeros(3, jnp.int32), True),
+         r"num_levels must be an integer >= 1, got num_levels=True"),
+    ],
+    ids=["mdlm-int-log-probs", "analytic-int-log-score", "float-num-levels", "bool-num-levels"],
+)
+def test_steps_reject_bad_arguments(call, pattern: str) -> None:
+    """Integer network outputs and non-integer ``num_levels`` are refused, naming the value."""
+    with pytest.raises(ValueError, match=pattern):
+        call()

@@ -174,3 +174,27 @@ def test_semi_autoregressive_blocks_restrict_candidates():
 def test_unmasking_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UnmaskingConfig(**kwargs)
+
+
+_X = jnp.full((2, 3), MASK, jnp.int32)
+_LOG_PROBS = jnp.zeros((2, 3, N))
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"num_unmask": True}, r"num_unmask must be an integer count >= 0, got True"),
+        ({"num_unmask": jnp.ones(3, jnp.int32)},
+         r"num_unmask must be a scalar or have shape \(2,\), got \(3,\)"),
+        ({"num_unmask": 1, "sampling": "float64"},
+         r"sampling must be a CategoricalConfig, got str"),
+        ({"num_unmask": 1, "log_probs": jnp.zeros((2, 4, N))},
+         r"log_probs must have shape x\.shape \+ \(N,\) = \(2, 3\) \+ \(N,\), got \(2, 4, 4\)"),
+    ],
+    ids=["bool-count", "count-shape", "sampling-type", "log-probs-shape"],
+)
+def test_unmask_step_rejects_bad_arguments(kwargs: dict, pattern: str) -> None:
+    """``unmask_step`` refuses a bad count, sampling config or ``log_probs``, naming the value."""
+    kwargs = {"log_probs": _LOG_PROBS, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        unmask_step(jax.random.key(0), _X, **kwargs)

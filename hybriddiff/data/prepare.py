@@ -133,9 +133,10 @@ def _stream_batches(
         lengths = np.array([e.size + 1 for e in encoded], dtype=np.int64)
         tokens = np.concatenate([piece for ids in encoded for piece in (ids, eos)])
         if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
             raise ValueError(
-                f"tokenizer produced ids outside 0..{tokenizer.vocab_size - 1} for documents "
-                f"{begin}..{begin + len(encoded) - 1}"
+                f"tokenizer produced ids outside 0..{tokenizer.vocab_size - 1} (e.g. {bad}) for "
+                f"documents {begin}..{begin + len(encoded) - 1}"
             )
         yield tokens, lengths
 

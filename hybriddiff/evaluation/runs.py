@@ -169,8 +169,6 @@ def reference_texts(run: RestoredRun, prepared: Any, split: str, count: int) -> 
 
 
 def _judge(judge_workdir: str | None, judge_hf: str | None) -> Any:
-    if judge_workdir and judge_hf:
-        raise ValueError("give one judge: judge_workdir or judge_hf, not both")
     if judge_hf:
         return huggingface.HuggingFaceJudge.load(judge_hf)
     return generative.ARJudge.from_workdir(judge_workdir)
@@ -192,6 +190,9 @@ def evaluate_run(workdir: str | Path, *, split: str = "validation", num_batches:
 
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got split={split!r}")
+    if judge_workdir and judge_hf:  # before any work
+        raise ValueError(f"give one judge, not both: judge_workdir={judge_workdir!r} and "
+                         f"judge_hf={judge_hf!r}")
     run = restore_run(workdir, ema=ema)
     prepared = (ensure_prepared(run.config, run.workdir, progress=False) if data is None
                 else zero_shot_data(run, data))

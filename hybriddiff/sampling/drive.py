@@ -241,7 +241,8 @@ def sample(run: RestoredRun, step: ReverseStep, key: jax.Array, *, num_samples: 
                              f"hyperschedule.kind={objective.layout_kind!r} shifted="
                              f"{objective.shifted}")
         if infill or return_trajectory:
-            raise ValueError("max_length generation takes a prompt only (no infill, trajectory)")
+            raise ValueError(f"max_length generation takes a prompt only, got infill="
+                             f"{dict(infill or {})!r} and return_trajectory={return_trajectory!r}")
         head = int(np.asarray(fixed[0]).sum())
         with activate(setup.mesh, setup.rules):
             return generate_blocks(model, key, block_width=objective.width, max_length=max_length,

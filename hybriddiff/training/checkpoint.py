@@ -281,7 +281,10 @@ def load_params(
         failures: list[str] = []
         for candidate in candidates:
             try:
+                _check_compatible(directory, candidate, target)
                 restored = dict(manager.restore(candidate, args=args)[_STATE])
+            except IncompatibleCheckpoint:
+                raise
             except Exception as err:  # noqa: BLE001 - try the next older checkpoint
                 if step is not None:
                     raise
@@ -296,6 +299,58 @@ def load_params(
         manager.close()
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint written by another model than the one asking for its arrays."""
+
+
+def _different_model(directory: epath.Path, step: int, what: str) -> IncompatibleCheckpoint:
+    return IncompatibleCheckpoint(f"the checkpoint at step {step} in {directory} {what}: it was "
+                                  "written by a different model (compare the model sections of "
+                                  "the two configs)")
+
+
+def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A tree path as plain names, whatever kind of key (dict, sequence, attribute) holds it."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _saved_shapes(path: epath.Path) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+    """The shapes of the arrays saved under ``path`` from Orbax's tree metadata (no array is
+    read), or None when the metadata cannot be read or understood."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint fails (and is skipped) in restore
+        return None
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping):
+        return None
+    return {_path_key(p): tuple(leaf.shape) for p, leaf in
+            jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+
+
+def _check_compatible(directory: epath.Path, step: int, target: PyTree) -> None:
+    """Refuses, before reading, a checkpoint that lacks some of ``target``'s arrays or holds them
+    with other shapes, naming a few (skipped when the saved names are not understood)."""
+    saved = _saved_shapes(directory / str(step) / _STATE)
+    leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+    keys = [_path_key(path) for path, _ in leaves]
+    if not saved or not any(key in saved for key in keys):
+        return
+    missing = [jax.tree_util.keystr(path) for (path, _), key in zip(leaves, keys)
+               if key not in saved]
+    if missing:
+        raise _different_model(directory, step, f"has no value for {len(missing)} of the "
+                               f"{len(leaves)} arrays asked for, e.g. {', '.join(missing[:3])}")
+    reshaped = [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} saved as {saved[key]}"
+                for (path, leaf), key in zip(leaves, keys) if tuple(leaf.shape) != saved[key]]
+    if reshaped:
+        raise _different_model(directory, step, f"holds {len(reshaped)} of the {len(leaves)} "
+                               f"arrays asked for with other shapes, e.g. "
+                               f"{', '.join(reshaped[:3])}")
+
+
 def _check_complete(restored: PyTree, directory: epath.Path, step: int) -> None:
     """A partial restore leaves the target's leaves that the checkpoint lacks abstract: refuse
     them, naming a few, rather than train on placeholders."""
@@ -303,7 +358,5 @@ def _check_complete(restored: PyTree, directory: epath.Path, step: int) -> None:
     missing = [jax.tree_util.keystr(path) for path, leaf in leaves
                if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:
-        raise ValueError(f"the checkpoint at step {step} in {directory} has no value for "
-                         f"{len(missing)} of the {len(leaves)} arrays asked for, e.g. "
-                         f"{', '.join(missing[:3])}: it was written by a different model "
-                         "(compare the model sections of the two configs)")
+        raise _different_model(directory, step, f"has no value for {len(missing)} of the "
+                               f"{len(leaves)} arrays asked for, e.g. {', '.join(missing[:3])}")

@@ -207,12 +207,13 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
         cell_noise = masked_noise(schedule, jnp.broadcast_to(cell_levels, (batch, cells)),
                                   num_levels, cell_fixed | (cell_positions < settled))
         sigma = network_sigma(config, cell_noise)
-        # cell c predicts position settled + c (its own position unless SHIFTED)
-        ahead_tokens = jax.lax.dynamic_slice_in_dim(x, settled, cells, axis=1)
-        ahead_levels = jax.lax.dynamic_slice_in_dim(level_now, settled, cells)
+        # cell c predicts position settled + c (its own position unless SHIFTED); the first
+        # W of these positions are the window the step updates
+        ahead_tokens = jax.lax.dynamic_slice_in_dim(x, settled, cells, axis=1)  # [B, Wc]
+        ahead_fixed = jax.lax.dynamic_slice_in_dim(fixed_pad, settled, cells, axis=1)
+        ahead_levels = jax.lax.dynamic_slice_in_dim(level_now, settled, cells)  # [Wc]
         ahead_noise = masked_noise(schedule, jnp.broadcast_to(ahead_levels, (batch, cells)),
-                                   num_levels, jax.lax.dynamic_slice_in_dim(fixed_pad, settled,
-                                                                            cells, axis=1))
+                                   num_levels, ahead_fixed)
         scoring = score_context(config, ahead_tokens, ahead_noise)
         if use_cache:
             output, _ = model.forward_cached(cell_tokens, cell_positions, sigma, cache,
@@ -230,12 +231,10 @@ def generate_cached_jit(graphdef: nnx.GraphDef, state: nnx.State, key: Array, to
             output = model(jnp.concatenate([x[:, :length], cell_tokens], 1),
                            jnp.concatenate([slots, cell_positions]), full_sigma,
                            mask=jnp.concatenate([top, bottom], 0), **full_scoring)[:, length:]
-        target = jax.lax.dynamic_slice_in_dim(x, settled, width, axis=1)  # [B, W]
+        target = ahead_tokens[:, :width]  # [B, W]
         target_positions = settled + jnp.arange(width)
-        target_fixed = jax.lax.dynamic_slice_in_dim(fixed_pad, settled, width, axis=1)
-        moving = (target_positions < worthless)[None, :] & ~target_fixed  # [B, W]
-        levels_now = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(level_now, settled, width),
-                                      (batch, width))
+        moving = (target_positions < worthless)[None, :] & ~ahead_fixed[:, :width]  # [B, W]
+        levels_now = jnp.broadcast_to(ahead_levels[:width], (batch, width))
         levels_next = jnp.where(moving, jax.lax.dynamic_slice_in_dim(level_next, settled, width),
                                 levels_now)
         now = masked_noise(schedule, levels_now, num_levels, ~moving)

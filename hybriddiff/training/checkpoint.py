@@ -309,6 +309,12 @@ def _different_model(directory: epath.Path, step: int, what: str) -> Incompatibl
                                   "the two configs)")
 
 
+def _lacking(directory: epath.Path, step: int, missing: list[str], total: int
+             ) -> IncompatibleCheckpoint:
+    return _different_model(directory, step, f"has no value for {len(missing)} of the {total} "
+                            f"arrays asked for, e.g. {', '.join(missing[:3])}")
+
+
 def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
     """A tree path as plain names, whatever kind of key (dict, sequence, attribute) holds it."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -341,8 +347,7 @@ def _check_compatible(directory: epath.Path, step: int, target: PyTree) -> None:
     missing = [jax.tree_util.keystr(path) for (path, _), key in zip(leaves, keys)
                if key not in saved]
     if missing:
-        raise _different_model(directory, step, f"has no value for {len(missing)} of the "
-                               f"{len(leaves)} arrays asked for, e.g. {', '.join(missing[:3])}")
+        raise _lacking(directory, step, missing, len(leaves))
     reshaped = [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} saved as {saved[key]}"
                 for (path, leaf), key in zip(leaves, keys) if tuple(leaf.shape) != saved[key]]
     if reshaped:
@@ -358,5 +363,4 @@ def _check_complete(restored: PyTree, directory: epath.Path, step: int) -> None:
     missing = [jax.tree_util.keystr(path) for path, leaf in leaves
                if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:
-        raise _different_model(directory, step, f"has no value for {len(missing)} of the "
-                               f"{len(leaves)} arrays asked for, e.g. {', '.join(missing[:3])}")
+        raise _lacking(directory, step, missing, len(leaves))
